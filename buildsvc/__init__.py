@@ -1,0 +1,3 @@
+"""The build service: API, store, builder, runtime, gateway."""
+
+__version__ = "0.1.0"
