@@ -55,10 +55,12 @@ def _spec_json(spec: RunnerSpec) -> str:
 
 @pytest.mark.slow
 def test_killing_the_service_takes_its_runners_and_their_children_down(
-        app_env: Env, tmp_path: Path) -> None:  # noqa: F811
+    app_env: Env, tmp_path: Path
+) -> None:  # noqa: F811
     spec = runner_spec(app_env, tmp_path, env={"SPAWN_CHILD": "1"})
-    service = subprocess.Popen([sys.executable, "-c", _SERVICE, _spec_json(spec)],
-                               stdout=subprocess.PIPE, text=True)
+    service = subprocess.Popen(
+        [sys.executable, "-c", _SERVICE, _spec_json(spec)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert service.stdout is not None
         pids = json.loads(service.stdout.readline())
@@ -126,7 +128,12 @@ def test_cold_start_stays_small(app_env: Env, tmp_path: Path) -> None:  # noqa: 
 
 def test_agent_refuses_to_run_without_its_control_pipe(tmp_path: Path) -> None:
     env = {"PATH": os.environ["PATH"], "FAL_PAYLOAD": str(tmp_path / "x")}
-    done = subprocess.run([sys.executable, "-m", "buildsvc.runtime.agent"], env=env,
-                          capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "buildsvc.runtime.agent"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode != 0
     assert "FAL_AGENT_CONTROL_FD" in done.stderr

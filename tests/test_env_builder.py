@@ -28,8 +28,7 @@ def _builder(root: Path, uv: RecordingUv, blobs: Path | None = None) -> EnvBuild
 
 
 def _py(env: Env, code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(env.python), "-c", code], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([str(env.python), "-c", code], capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +86,7 @@ def test_concurrent_ensure_builds_once_across_builders(tmp_path: Path) -> None:
     assert [c[1] for c in uv.calls] == ["venv", "pip"]
 
 
-def test_unresolvable_requirement_fails_with_uvs_message_and_leaves_nothing(
-        tmp_path: Path) -> None:
+def test_unresolvable_requirement_fails_with_uvs_message_and_leaves_nothing(tmp_path: Path) -> None:
     lines: list[str] = []
     builder = _builder(tmp_path, RecordingUv())
     bad = [["surely-not-a-real-package-fal-test-9f3a==1.0"]]
@@ -108,8 +106,12 @@ def test_missing_python_version_names_it_and_the_fix(tmp_path: Path) -> None:
 
 def test_keys_depend_on_python_and_layers(tmp_path: Path) -> None:
     builder = _builder(tmp_path, RecordingUv())
-    keys = {builder.key_for(OWN, []), builder.key_for("3.12", []),
-            builder.key_for(OWN, [["numpy"]]), builder.key_for(OWN, [["numpy"], ["scipy"]])}
+    keys = {
+        builder.key_for(OWN, []),
+        builder.key_for("3.12", []),
+        builder.key_for(OWN, [["numpy"]]),
+        builder.key_for(OWN, [["numpy"], ["scipy"]]),
+    }
     assert len(keys) == 4
     assert builder.key_for(OWN, [["numpy"]]) == builder.key_for(OWN, [["numpy"]])
 

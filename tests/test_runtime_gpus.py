@@ -86,11 +86,15 @@ def test_public_surfaces_of_the_runtime_modules() -> None:
     import buildsvc.runtime.gpus
     import buildsvc.runtime.local
 
-    assert buildsvc.builder.env.__all__ == ["BuildError", "Env", "EnvBuilder", "UvRunner",
-                                            "run_uv"]
+    assert buildsvc.builder.env.__all__ == ["BuildError", "Env", "EnvBuilder", "UvRunner", "run_uv"]
     assert buildsvc.builder.__all__ == ["BuildError", "Env", "EnvBuilder"]
     assert buildsvc.runtime.agent.__all__ == ["main"]
     assert buildsvc.runtime.local.__all__ == ["LocalBackend"]
-    assert buildsvc.runtime.gpus.__all__ == ["GpuAllocator", "GpuError", "GpuRequestRefused",
-                                             "NoGpuAvailable", "check_machine_type",
-                                             "is_gpu_machine_type"]
+    assert buildsvc.runtime.gpus.__all__ == [
+        "GpuAllocator",
+        "GpuError",
+        "GpuRequestRefused",
+        "NoGpuAvailable",
+        "check_machine_type",
+        "is_gpu_machine_type",
+    ]

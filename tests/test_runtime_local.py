@@ -40,7 +40,8 @@ async def _post(handle: RunnerHandle, path: str, body: dict[str, object]) -> htt
 
 @pytest.mark.slow
 def test_runner_reaches_idle_answers_and_stops_cleanly(
-        app_env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    app_env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: F811
     monkeypatch.setenv("FAL_TEST_SERVICE_SECRET", "s3cret")  # must not leak into runners
     events, backend = RecordingEvents(), LocalBackend()
 
