@@ -115,7 +115,7 @@ class ServiceApp:
         deployer = Deployer(
             store=store, blobs=blobs, builder=builder, fleet=fleet, logs=logs,
             check_gpus=lambda types, n: check_machine_type(types, n, gpus),
-            bundles_dir=data / "bundles",
+            bundles_dir=data / "bundles", prewarm=backend.prewarm,
         )  # fmt: skip
         services = Services(cfg, store, keys, blobs, deployer, fleet, logs)
         gateway = Gateway(store=store, fleet=fleet, keys=keys, logs=logs, config=cfg)

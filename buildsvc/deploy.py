@@ -16,7 +16,7 @@ import hashlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -111,7 +111,7 @@ class Deployer:
     def __init__(
         self, *, store: Store, blobs: BlobStore, builder: _Builder, fleet: _Fleet,
         check_gpus: Callable[[list[str], int], None], bundles_dir: Path,
-        logs: Any = None,
+        logs: Any = None, prewarm: Callable[[Path], Awaitable[None]] | None = None,
     ) -> None:  # fmt: skip
         self._store = store
         self._blobs = blobs
@@ -120,6 +120,9 @@ class Deployer:
         self._check_gpus = check_gpus
         self._bundles = Path(bundles_dir)
         self._logs = logs  # a LogHub: build output is kept with the app's logs
+        # Starts the env's zygote while the revision is committed, so even the first
+        # request's cold start forks a pre-imported runner.
+        self._prewarm = prewarm
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     # validation
@@ -220,7 +223,9 @@ class Deployer:
         except BlobError as exc:
             return emit(_error("invalid_manifest", str(exc)))
         except BuildError as exc:
-            return emit(_error("build_failed", exc.detail or str(exc)))
+            return emit(_error("build_failed", _build_failure(exc)))
+        if self._prewarm is not None:
+            await self._prewarm(env.python)
         _log.info("built %s/%s in %.2fs", plan.owner, plan.app_name, time.monotonic() - started)
         app, revision = self._commit(plan, env, workdir)
         # The revision is live now: the fleet must hear of it even if the client goes away.
@@ -385,3 +390,12 @@ def _check_options(options: dict[str, Any]) -> None:
             f"option machine_type = {machine!r}: expected a name or a list of names, "
             "e.g. 'GPU-H100' or ['GPU-H100', 'GPU-A100']"
         )
+
+
+def _build_failure(exc: BuildError) -> str:
+    """Our explanation (what failed, the fix) followed by uv's own words."""
+    detail = (exc.detail or "").strip()
+    summary = str(exc).strip()
+    if not detail or detail in summary:
+        return summary
+    return f"{summary}\n{detail}"
