@@ -84,11 +84,6 @@ def test_sdk_streaming_endpoint_streams_through_the_gateway(
     asyncio.run(_stream(_deploy_streamer(service, tmp_path), service))
 
 
-@pytest.mark.xfail(
-    reason="runner environments lack the `websockets` package (buildsvc/builder/env.py "
-    "_AGENT_DISTS), so the runner's uvicorn answers 404 to upgrades; the gateway relays it",
-    strict=False,
-)
 def test_sdk_websocket_endpoint_through_the_gateway(
     service: ServiceProcess, tmp_path: Path
 ) -> None:

@@ -39,7 +39,9 @@ __all__ = ["BuildError", "Env", "EnvBuilder", "UvRunner", "run_uv"]
 _LAYOUT_VERSION = 1
 _MARKER = ".fal-env-complete"
 # Distributions the runner agent itself imports (falcli.app / falcli.endpoints / the agent).
-_AGENT_DISTS = ("cloudpickle", "pydantic", "starlette", "uvicorn", "uvloop", "httptools")
+# websockets: uvicorn needs it to accept upgrades for `@fal.endpoint(..., is_websocket=True)`.
+_AGENT_DISTS = ("cloudpickle", "pydantic", "starlette", "uvicorn", "uvloop", "httptools",
+                "websockets")
 _AGENT_PACKAGES = ("fal", "falcli", "buildsvc")
 # Only these variables reach uv (and the sdist build backends it runs, which execute user
 # code): never the service's environment wholesale, it may hold secrets.
