@@ -33,6 +33,9 @@ def deploy(
     reset_scale: bool = typer.Option(
         False, "--reset-scale", help="use this config's scale settings, not the live ones"
     ),
+    as_json: bool = typer.Option(
+        False, "--json", help="print the result (app, revision, urls) as JSON"
+    ),
 ) -> None:
     """Deploy an app: a new revision behind a permanent URL."""
     bundle = build_bundle(ref, {"auth": auth, "app_name": app_name})
@@ -47,6 +50,9 @@ def deploy(
         no_cache=no_cache,
         reset_scale=reset_scale,
     )
+    if as_json:
+        render.print_json({k: done.get(k) for k in ("app", "revision", "urls")})
+        return
     app, revision, urls = done.get("app") or {}, done.get("revision") or {}, done.get("urls") or {}
     rows = [(label, str(urls[label])) for label in ("sync", "queue") if urls.get(label)]
     title = f"Deployed {app.get('owner', '')}/{app.get('name', '')} revision {revision.get('id')}"

@@ -20,7 +20,7 @@ from falcli.cli.ship import build_bundle, ship
 from falcli.errors import ClientError, NotFoundError, ServiceUnavailable
 
 if TYPE_CHECKING:
-    from falcli.client import Client, DeployEvent
+    from falcli.client import BundleLike, Client, DeployEvent
 
 __all__ = ["run"]
 
@@ -47,7 +47,7 @@ def run(
     running = False
     with _stop_on_signals():
         try:
-            done = ship(client, bundle, auth=auth or "public", ephemeral=True, no_cache=no_cache)
+            done = _ship_ephemeral(client, bundle, auth or "public", no_cache, app_name is None)
             name = str((done.get("app") or {}).get("name") or name)
             running = True
             _print_urls(done)
@@ -57,6 +57,20 @@ def run(
                 raise KeyboardInterrupt from None
         finally:
             _delete_ephemeral(client, name)
+
+
+def _ship_ephemeral(
+    client: Client, bundle: BundleLike, auth: str, no_cache: bool, may_rename: bool
+) -> DeployEvent:
+    """Ship as an ephemeral app; beside a deployed app of the same name, run as NAME-run."""
+    try:
+        return ship(client, bundle, auth=auth, ephemeral=True, no_cache=no_cache)
+    except ClientError as exc:
+        if not may_rename or exc.error_type != "app_conflict":
+            raise
+    name = f"{bundle.manifest.get('app_name', 'app')}-run"
+    render.print_warning(f"a deployed app has this name: running this one as {name!r}")
+    return ship(client, bundle, auth=auth, ephemeral=True, no_cache=no_cache, app_name=name)
 
 
 def _print_urls(done: DeployEvent) -> None:

@@ -42,12 +42,18 @@ def _show_event(event: dict[str, Any]) -> None:
 
 
 def ship(
-    client: Client, bundle: BundleLike, *, auth: str, ephemeral: bool, **options: Any
+    client: Client,
+    bundle: BundleLike,
+    *,
+    auth: str,
+    ephemeral: bool,
+    app_name: str | None = None,
+    **options: Any,
 ) -> DeployEvent:
     """Upload and deploy ``bundle``, streaming the build log to stderr; the ``done`` event."""
     from falcli.client import deploy_bundle
 
-    app_name = str(bundle.manifest.get("app_name", ""))
+    app_name = app_name or str(bundle.manifest.get("app_name", ""))
     return deploy_bundle(
         client,
         bundle,
