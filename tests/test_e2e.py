@@ -172,6 +172,28 @@ def test_deploy_twice_gives_two_revisions_and_private_needs_a_key(
     assert ok.status_code == 200 and ok.json() == {"text": "echo: x"}
 
 
+def test_run_beside_a_deployed_app_of_the_same_name_runs_as_name_run(
+    tmp_path: Path, module_service: ServiceProcess
+) -> None:
+    svc = module_service
+    project = make_project(tmp_path / "proj", "both")
+    env = cli_env(tmp_path, svc)
+    deployed = fal(["deploy", "both", "--json"], project, env)
+    assert deployed.returncode == 0, deployed.stderr
+    assert json.loads(deployed.stdout)["urls"]["sync"].endswith("/both")
+    running = Running(["run", "both"], project, env)
+    try:
+        sync_url = running.wait_for_line("sync:", timeout=180)
+        assert sync_url.endswith("/both-run")
+        assert httpx.post(sync_url, json={"text": "r"}, timeout=60).json() == {"text": "echo: r"}
+    finally:
+        running.proc.send_signal(signal.SIGINT)
+    assert running.finish(timeout=60) == 0, "".join(running.stderr)
+    assert "running this one as 'both-run'" in "".join(running.stderr)
+    names = {a["name"] for a in fal_json(["apps", "list"], project, env)["apps"]}
+    assert "both" in names and "both-run" not in names
+
+
 def test_setup_failure_shows_traceback_and_exits_3_quickly(
     tmp_path: Path, module_service: ServiceProcess
 ) -> None:
