@@ -102,8 +102,13 @@ def runners(client: httpx.Client, app: str) -> list[dict[str, object]]:
     return [r for r in found if r.get("state") not in ("TERMINATED", "FAILED")]
 
 
+# One client for every call: a new httpx client per call costs more (SSL context, connection)
+# than the request itself and would hide what the platform does.
+_CALLER = httpx.Client(timeout=120)
+
+
 def call(url: str) -> None:
-    resp = httpx.post(url, json={"text": "x"}, timeout=120)
+    resp = _CALLER.post(url, json={"text": "x"})
     resp.raise_for_status()
 
 

@@ -1,34 +1,21 @@
-"""Serving an app: endpoint specs, the OpenAPI document, and the runner's ASGI app.
+"""Endpoint specs and the OpenAPI document of an app (contract 4 of docs/architecture.md).
 
-Contract 4 of docs/architecture.md. ``endpoint_specs`` and ``openapi_for`` work on the class
-(no instance, no ``setup()``), so packaging derives the OpenAPI document locally. The ASGI
-app is plain Starlette (FastAPI costs ~200 ms of cold start) and speaks fal's runner shapes:
-POST endpoints, ``GET /health``, ``GET /openapi.json``, 404 ``{"detail": "Path /x not
-found"}``, pydantic-style 422s and 500 ``{"detail": ...}`` with the traceback in the logs.
-
-Every runner imports this module at cold start: keep its imports to starlette and pydantic.
+``endpoint_specs`` and ``openapi_for`` work on the class (no instance, no ``setup()``), so
+packaging derives the OpenAPI document locally, without starlette. The runner's ASGI app is
+in ``falcli.serving``; ``asgi_app_for`` is re-exported here lazily for callers of contract 4.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import logging
 import re
+import sys
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter, ValidationError, create_model
-from pydantic_core import to_jsonable_python
-from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketState
+from pydantic import BaseModel, TypeAdapter, create_model
 
 from falcli import __version__
 from falcli.app import App, endpoint, endpoint_marks
@@ -36,11 +23,9 @@ from falcli.errors import ConfigError
 from falcli.function import FalFunction
 from falcli.naming import app_name_of
 
-__all__ = ["EndpointSpec", "asgi_app_for", "endpoint", "endpoint_specs", "openapi_for"]
+__all__ = ["EndpointSpec", "endpoint", "endpoint_specs", "openapi_for"]  # + asgi_app_for, lazily
 
-_log = logging.getLogger("falcli.endpoints")
 _SCHEMA_REF = "#/components/schemas/{model}"
-_MAX_DETAIL = 2000
 
 
 @dataclass(frozen=True)
@@ -100,10 +85,17 @@ def _is_model(annotation: object) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
+def _is_response_class(annotation: type) -> bool:
+    # A starlette Response annotation means "no schema". If starlette was never imported,
+    # the annotation cannot be one, and packaging stays free of starlette.
+    responses = sys.modules.get("starlette.responses")
+    return responses is not None and issubclass(annotation, responses.Response)
+
+
 def _response_model(annotation: object) -> Any | None:
     if annotation is None or annotation is type(None):
         return None
-    if isinstance(annotation, type) and issubclass(annotation, Response):
+    if isinstance(annotation, type) and _is_response_class(annotation):
         return None
     return annotation
 
@@ -173,110 +165,9 @@ def _operation(spec: EndpointSpec, schemas: dict[Any, Any]) -> dict[str, Any]:
     return operation
 
 
-# -- ASGI app ------------------------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    if name == "asgi_app_for":
+        from falcli.serving import asgi_app_for
 
-
-def asgi_app_for(instance: object) -> Starlette:
-    """The runner's ASGI app for an App instance (after setup) or a FalFunction."""
-    target: type | FalFunction = instance if isinstance(instance, FalFunction) else type(instance)
-    if isinstance(instance, FalFunction) and instance.__fal_options__.get("exposed_port"):
-        raise ConfigError(
-            f"{instance.__name__}: a function with exposed_port is served by its own server "
-            "on that port, not by falcli.endpoints"
-        )
-    routes: list[BaseRoute] = [_route(instance, spec) for spec in endpoint_specs(target)]
-    routes.append(Route("/health", _health, methods=["GET"]))
-    routes.append(Route("/openapi.json", _openapi_handler(target), methods=["GET"]))
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
-
-
-def _route(instance: object, spec: EndpointSpec) -> BaseRoute:
-    func = instance.func if isinstance(instance, FalFunction) else getattr(instance, spec.attr)
-    if spec.is_websocket:
-        return WebSocketRoute(spec.path, _websocket_handler(func, spec))
-    return Route(spec.path, _post_handler(func, spec), methods=["POST"])
-
-
-def _post_handler(func: Callable[..., Any], spec: EndpointSpec) -> Callable[..., Any]:
-    is_async = inspect.iscoroutinefunction(func)
-
-    async def handle(request: Request) -> Response:
-        kwargs = await _parse_body(request, spec)
-        if isinstance(kwargs, Response):
-            return kwargs
-        try:
-            result = await func(**kwargs) if is_async else await run_in_threadpool(func, **kwargs)
-            return _to_response(result)
-        except HTTPException:
-            raise  # the app chose a status code: the exception handler renders it
-        except Exception as exc:
-            _log.exception("endpoint %s (%s) failed", spec.path, spec.attr)
-            detail = f"{type(exc).__name__}: {exc}"[:_MAX_DETAIL]
-            return JSONResponse({"detail": detail}, status_code=500)
-
-    return handle
-
-
-async def _parse_body(request: Request, spec: EndpointSpec) -> dict[str, Any] | Response:
-    """Keyword arguments for the endpoint, or a 422 response in pydantic's shape."""
-    if spec.body_model is None:
-        return {}
-    body = await request.body()
-    try:
-        model = spec.body_model.model_validate_json(body or b"{}")
-    except ValidationError as exc:
-        return _validation_error(exc)
-    if spec.body_param is not None:
-        return {spec.body_param: model}
-    return {name: getattr(model, name) for name in type(model).model_fields}
-
-
-def _validation_error(exc: ValidationError) -> JSONResponse:
-    errors = [
-        {"loc": ["body", *err["loc"]], "msg": err["msg"], "type": err["type"]}
-        for err in exc.errors(include_url=False, include_context=False, include_input=False)
-    ]
-    return JSONResponse({"detail": errors}, status_code=422)
-
-
-def _to_response(result: object) -> Response:
-    if isinstance(result, Response):
-        return result  # e.g. a StreamingResponse: passed through unbuffered
-    if isinstance(result, BaseModel):
-        return JSONResponse(result.model_dump(mode="json"))
-    return JSONResponse(to_jsonable_python(result))
-
-
-def _websocket_handler(func: Callable[..., Any], spec: EndpointSpec) -> Callable[..., Any]:
-    async def handle(websocket: WebSocket) -> None:
-        try:
-            await func(websocket)
-        except Exception:
-            _log.exception("websocket endpoint %s (%s) failed", spec.path, spec.attr)
-            if websocket.application_state != WebSocketState.DISCONNECTED:
-                await websocket.close(code=1011)
-
-    return handle
-
-
-async def _health(request: Request) -> Response:
-    return JSONResponse({"version": __version__})
-
-
-def _openapi_handler(target: type | FalFunction) -> Callable[..., Any]:
-    cache: list[bytes] = []  # built on first request: a bad schema must not block startup
-
-    async def handle(request: Request) -> Response:
-        if not cache:
-            cache.append(json.dumps(openapi_for(target)).encode())
-        return Response(cache[0], media_type="application/json")
-
-    return handle
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    detail: Any = exc.detail
-    if exc.status_code == 404 and detail == "Not Found":
-        detail = f"Path {request.url.path} not found"
-    return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+        return asgi_app_for
+    raise AttributeError(f"module 'falcli.endpoints' has no attribute {name!r}")
