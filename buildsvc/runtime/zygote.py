@@ -53,7 +53,8 @@ _REQUEST_ID = re.compile(rb'\{"op": "fork", "id": (\d+)')
 _PREIMPORTS = (
     "asyncio", "concurrent.futures.thread", "json", "random", "traceback", "cloudpickle",
     "uvloop", "httptools", "pydantic", "pydantic_core", "starlette.applications",
-    "falcli.app", "falcli.endpoints", "buildsvc.runtime.agent", "uvicorn", "uvicorn.config",
+    "falcli.app", "falcli.endpoints", "falcli.serving", "buildsvc.runtime.agent", "uvicorn",
+    "uvicorn.config",
     "uvicorn.server", "uvicorn.protocols.http.httptools_impl", "uvicorn.lifespan.off",
     "uvicorn.protocols.websockets.auto", "anyio._backends._asyncio", "anyio.lowlevel",
     "anyio.streams.memory", "anyio.streams.stapled", "anyio.streams.tls", "anyio.to_thread",
