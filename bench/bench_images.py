@@ -5,6 +5,8 @@
 - unchanged rebuild: ``ImageBuilder.ensure`` for an app whose image exists (no docker build)
 - code-only rebuild: one app file changed (every layer but the code layers is cached)
 - container cold start: ``DockerBackend.start`` to the first response of the app's endpoint
+- through the service (``python -m buildsvc --runtime docker``): an unchanged redeploy (no
+  ``docker build``), then the first request through the gateway (a container cold start)
 
 Needs an engine and the base images (scripts/docker-setup.sh).
 """
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from docker_helpers import Blobs, make_manifest, spec_for  # noqa: E402
 from runtime_helpers import RecordingEvents, pickle_app  # noqa: E402
+from service_helpers import ServiceProcess, deploy, make_bundle  # noqa: E402
 
 from buildsvc.builder.image import ImageBuilder  # noqa: E402
 from buildsvc.runtime.docker import ContainerPlan, DockerBackend  # noqa: E402
@@ -75,12 +78,35 @@ async def _bench(root: Path, runs: int) -> list[tuple[str, list[float]]]:
     return rows
 
 
+def _bench_service(root: Path, runs: int) -> list[tuple[str, list[float]]]:
+    svc = ServiceProcess(root / "svc-data", ["--runtime", "docker"]).start()
+    bundle = make_bundle(app_name="bench-echo", tmp_dir=root)
+    deploys, firsts = [], []
+    try:
+        with svc.client() as http:
+            owner = http.get("/v1/whoami").json()["owner"]
+            for i in range(runs + 1):  # the first deploy may build: not counted
+                began = time.perf_counter()
+                events = list(deploy(http, bundle, strategy="recreate"))
+                assert events[-1]["event"] == "done", events[-1]
+                middle = time.perf_counter()
+                http.post(f"/{owner}/bench-echo", json={"text": "x"}).raise_for_status()
+                if i:
+                    deploys.append((middle - began) * 1000)
+                    firsts.append((time.perf_counter() - middle) * 1000)
+    finally:
+        svc.stop()
+    return [("service: unchanged redeploy (no build)", deploys),
+            ("service: first request (container cold)", firsts)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = asyncio.run(_bench(Path(tmp), args.runs))
+        rows += _bench_service(Path(tmp), args.runs)
     print(f"{'figure':<42}{'p50 ms':>10}{'min ms':>10}{'max ms':>10}")
     for name, times in rows:
         print(f"{name:<42}{statistics.median(times):>10.1f}{min(times):>10.1f}"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Prepare a Docker engine and the platform's base images on this machine. Idempotent:
 # every step is skipped when its result already exists, so running it twice costs ~1 s.
+# Quiet on success (FAL_SETUP_VERBOSE=1 tells each step); on failure it says which step
+# failed and why on stderr, and exits non-zero.
 #
 #   1. install Debian's docker.io (+ debootstrap) when dockerd is missing
 #   2. start `dockerd --iptables=false --bridge=none` in the background when no engine answers
@@ -22,7 +24,9 @@ DOCKERD_LOG="${DOCKERD_LOG:-/var/log/dockerd.log}"
 # elsewhere on PATH may need the buildx plugin.
 DOCKER=/usr/bin/docker
 
-log() { echo "docker-setup: $*" >&2; }
+log() { if [ "${FAL_SETUP_VERBOSE:-0}" = 1 ]; then echo "docker-setup: $*" >&2; fi; }
+die() { echo "docker-setup: ERROR: $*" >&2; exit 1; }
+trap 'die "command failed (line $LINENO): $BASH_COMMAND"' ERR
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 install_packages() {
@@ -31,10 +35,12 @@ install_packages() {
     command -v debootstrap >/dev/null || missing+=(debootstrap)
     [ ${#missing[@]} -eq 0 ] && return 0
     log "installing ${missing[*]} from Debian"
-    as_root apt-get update -qq
+    as_root apt-get update -qq >/dev/null \
+        || die "apt-get update failed: check the network and /etc/apt/sources.list*"
     # No init system here: keep the package scripts from trying to start the service.
     DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 as_root apt-get install -y -qq \
-        --no-install-recommends "${missing[@]}" tini >/dev/null
+        --no-install-recommends "${missing[@]}" tini >/dev/null \
+        || die "could not install ${missing[*]} with apt-get; install them by hand"
 }
 
 engine_up() { "$DOCKER" info >/dev/null 2>&1; }
@@ -42,15 +48,19 @@ engine_up() { "$DOCKER" info >/dev/null 2>&1; }
 start_engine() {
     engine_up && return 0
     log "starting dockerd (log: $DOCKERD_LOG)"
-    as_root bash -c "nohup /usr/sbin/dockerd --iptables=false --bridge=none \
-        >>'$DOCKERD_LOG' 2>&1 </dev/null &"
+    local pid
+    pid=$(as_root bash -c "nohup /usr/sbin/dockerd --iptables=false --bridge=none \
+        >>'$DOCKERD_LOG' 2>&1 </dev/null & echo \$!")
     for _ in $(seq 1 120); do
         engine_up && { log "engine is up"; return 0; }
+        # Died at once (no privileges, storage driver, a stale pid file): say so now.
+        as_root kill -0 "$pid" 2>/dev/null || break
         sleep 0.5
     done
-    log "dockerd did not answer within 60 s; see $DOCKERD_LOG"
+    echo "docker-setup: ERROR: dockerd did not start; the end of $DOCKERD_LOG:" >&2
     tail -n 20 "$DOCKERD_LOG" >&2 || true
-    return 1
+    die "fix the cause above (dockerd needs root and a kernel with overlayfs or vfs), then" \
+        "run bash scripts/docker-setup.sh again"
 }
 
 debian_mirror() {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ import pytest
 from buildsvc.builder.image import DEFAULT_CPU_BASE, ImageBuilder
 from buildsvc.runtime.base import RunnerSpec
 
-__all__ = ["Blobs", "docker_client", "image_builder", "make_manifest", "spec_for"]
+__all__ = ["CLI", "Blobs", "cli_env", "containers_of", "docker_client", "fal_cli",
+           "image_builder", "make_manifest", "spec_for", "write_project"]
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,3 +96,42 @@ def spec_for(runner_id: str, **overrides: Any) -> RunnerSpec:
     }
     fields.update(overrides)
     return RunnerSpec(**fields)
+
+
+# -- driving the real service with the CLI ------------------------------------------------
+
+CLI = [sys.executable, "-c", "from falcli.cli.main import main; main()"]
+
+
+def cli_env(home: Path, svc: Any) -> dict[str, str]:
+    """The environment of a `fal` subprocess talking to ``svc`` (a ServiceProcess)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "FALCLI_"))}
+    env.update(FALCLI_HOME=str(home), COLUMNS="120", FAL_SERVER_URL=svc.url,
+               FAL_KEY=svc.admin_key)
+    # The repo first on sys.path: user code does `import fal`, the shim package lives there.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def fal_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 240
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_project(root: Path, key: str, ref: str, source: str, *, extra: str = "",
+                  files: dict[str, str] | None = None) -> Path:
+    """A project with one app ``key`` (``ref`` into app.py); ``extra`` goes in its table."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "app.py").write_text(source)
+    for name, text in (files or {}).items():
+        (root / name).write_text(text)
+    (root / "pyproject.toml").write_text(
+        f'[project]\nname = "p-{key}"\nversion = "0.1.0"\n\n'
+        f'[tool.fal.apps.{key}]\nref = "app.py::{ref}"\n{extra}')
+    return root
+
+
+def containers_of(client: Any, app: str) -> list[Any]:
+    """Runner containers of ``app`` on the engine (any state)."""
+    return list(client.containers.list(all=True, filters={"label": f"fal.app={app}"}))

@@ -52,6 +52,7 @@ def test_public_api_is_exactly_this() -> None:
 def test_templates_are_listed_with_a_description() -> None:
     assert list_templates() == {
         "basic": "a small CPU app with a pydantic Input/Output and setup().",
+        "proxy": "proxy app mode, a typed API in front of a server that setup() starts.",
         "streaming": "an app that streams server-sent events (SSE) from /stream.",
     }
 
@@ -153,5 +154,5 @@ def test_unknown_template(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         create_app(tmp_path, "x-app", "gpu")
     assert str(info.value) == (
-        "template 'gpu' does not exist: choose one of basic, streaming, e.g. --template basic"
+        "template 'gpu' does not exist: choose one of basic, proxy, streaming, e.g. --template basic"
     )
