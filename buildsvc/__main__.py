@@ -10,12 +10,14 @@ is allowed to print and exit; the library underneath never does.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -39,8 +41,38 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ready-file", type=Path, help="write {url, pid, ...} here once listening")
     p.add_argument("--owner", help="owner of the admin key made on first start")
     p.add_argument("--public-url", help="base URL clients use, when behind a proxy")
+    p.add_argument("--runtime", default="local", choices=["local", "docker"],
+                   help="run runners as local processes or as Docker containers")
+    p.add_argument("--docker-cpu-base", default="fal-base-cpu:bookworm",
+                   help="base image of generated Dockerfiles for CPU machine types")
+    p.add_argument("--docker-gpu-base", default="fal-base-gpu:bookworm",
+                   help="base image of generated Dockerfiles for GPU machine types")
+    p.add_argument("--registry", help="push built images to this registry (host[:port][/path])")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_limit_flags(p)
     return p.parse_args(argv)
+
+
+def _add_limit_flags(p: argparse.ArgumentParser) -> None:
+    """Limits at the door (docs/service.md); defaults are ServerConfig's."""
+    d = ServerConfig(data_dir=Path("."))
+    # fmt: off
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                   help="largest request body, sync or queued (413 above)")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds a client has to send a request's headers (then dropped)")
+    p.add_argument("--rate-limit", type=float, default=d.rate_limit,
+                   help="requests per second per key or client address (0: off)")
+    p.add_argument("--rate-burst", type=int, default=d.rate_burst,
+                   help="requests a caller may send at once before --rate-limit applies")
+    p.add_argument("--max-queue-depth", type=int, default=d.max_queue_depth,
+                   help="unfinished queued requests per app (429 above; 0: no cap)")
+    # fmt: on
+
+
+def _limits(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("max_body_bytes", "header_timeout", "rate_limit", "rate_burst", "max_queue_depth")
+    return {name: getattr(args, name) for name in names}
 
 
 def _config(args: argparse.Namespace) -> ServerConfig:
@@ -53,6 +85,11 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         emulate_gpus=args.emulate_gpus,
         public_url=args.public_url,
         owner=args.owner,
+        runtime=args.runtime,
+        docker_cpu_base=args.docker_cpu_base,
+        docker_gpu_base=args.docker_gpu_base,
+        registry=args.registry,
+        **_limits(args),
     ).validate()
 
 
@@ -70,6 +107,49 @@ def _bind(host: str, port: int) -> socket.socket:
         ) from exc
     sock.set_inheritable(False)  # runners must not hold the listening socket open
     return sock
+
+
+def _header_deadline(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol plus a deadline for each request's headers, from the
+    connection (or a request's first byte) to the end of its headers. uvicorn's keep-alive
+    timer stops at a request's first byte, so without this a client trickling its headers
+    byte by byte holds a connection forever (slowloris); other clients are unaffected."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class _Protocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._header_timer is None:
+                self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._header_timer = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _too_slow(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return _Protocol
 
 
 def _write_ready(path: Path, payload: dict[str, object]) -> None:
@@ -117,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.Config(
             app,
             loop="uvloop",
-            http="httptools",
+            http=_header_deadline(config.header_timeout),
             lifespan="on",
             ssl_certfile=config.tls_cert,
             ssl_keyfile=config.tls_key,

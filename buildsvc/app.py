@@ -9,6 +9,7 @@ them in reverse (queue, gateway, then the fleet and its runners).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import AsyncExitStack
@@ -24,7 +25,8 @@ from buildsvc.deploy import Deployer
 from buildsvc.fleet import Fleet
 from buildsvc.gateway.proxy import Gateway
 from buildsvc.logs import LogHub
-from buildsvc.queue import open_queue
+from buildsvc.queue import QueueSettings, open_queue
+from buildsvc.runtime.docker import ContainerRuntime
 from buildsvc.runtime.gpus import GpuAllocator, check_machine_type
 from buildsvc.runtime.local import LocalBackend
 from buildsvc.store import SQLiteStore
@@ -108,21 +110,30 @@ class ServiceApp:
         self._stack.callback(logs.close)
         backend = LocalBackend()
         self._stack.push_async_callback(backend.close)
-        fleet = Fleet(store=store, backend=backend, gpus=gpus, logs=logs, config=cfg)
+        containers = _containers(cfg, blobs, store, gpus.emulated)
+        if cfg.runtime == "docker":  # no engine, no service: say so now, not at the 1st deploy
+            await asyncio.to_thread(containers.connect)
+        self._stack.push_async_callback(containers.close)
+        fleet = Fleet(
+            store=store, backend=backend, gpus=gpus, logs=logs, config=cfg,
+            backend_for=lambda rev: containers if rev.image else backend,
+        )  # fmt: skip
         await fleet.start()
         self._stack.push_async_callback(fleet.close)
         builder = EnvBuilder(data / "envs", blob_path=blobs.path)
         deployer = Deployer(
             store=store, blobs=blobs, builder=builder, fleet=fleet, logs=logs,
             check_gpus=lambda types, n: check_machine_type(types, n, gpus),
-            bundles_dir=data / "bundles", prewarm=backend.prewarm,
+            bundles_dir=data / "bundles", prewarm=backend.prewarm, images=containers,
         )  # fmt: skip
         services = Services(cfg, store, keys, blobs, deployer, fleet, logs)
         gateway = Gateway(store=store, fleet=fleet, keys=keys, logs=logs, config=cfg)
         self._stack.push_async_callback(_close_if_closable, gateway)
+        limits = QueueSettings(max_body_bytes=cfg.max_body_bytes, max_depth=cfg.max_queue_depth)
         queue = await open_queue(
-            data_dir=data, apps=store, keys=keys, fleet=fleet, logs=logs, session=gateway.session
-        )
+            data_dir=data, apps=store, keys=keys, fleet=fleet, logs=logs,
+            session=gateway.session, settings=limits, rate_check=gateway.check_rate,
+        )  # fmt: skip
         self._stack.push_async_callback(queue.close)  # closes first: before runners stop
         self.api.state.services = services
         self.components = _Components(services, gateway, queue, str(admin_key_file))
@@ -134,6 +145,17 @@ class ServiceApp:
 
 def create_app(config: ServerConfig) -> ServiceApp:
     return ServiceApp(config)
+
+
+def _containers(
+    cfg: ServerConfig, blobs: BlobStore, store: SQLiteStore, emulated_gpus: bool
+) -> ContainerRuntime:
+    """Images and container runners; the engine is reached on first use (or now, above)."""
+    return ContainerRuntime(
+        cfg.data_dir, blob_path=blobs.path, revision_of=store.get_revision,
+        everything=cfg.runtime == "docker", cpu_base=cfg.docker_cpu_base,
+        gpu_base=cfg.docker_gpu_base, registry=cfg.registry, emulate_gpus=emulated_gpus,
+    )  # fmt: skip
 
 
 def _drop_ephemeral_apps(store: SQLiteStore) -> None:

@@ -12,9 +12,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "ConfigError", "ServerConfig"]
+__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "RUNTIMES", "ConfigError", "ServerConfig"]
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024**3  # one blob upload (uncompressed), 10 GiB
+DEFAULT_MAX_BODY_BYTES = 64 * 1024**2  # one call's body through the gateway or the queue
+RUNTIMES = ("local", "docker")  # runners as local processes, or as containers
 
 
 class ConfigError(ValueError):
@@ -31,8 +33,18 @@ class ServerConfig:
     emulate_gpus: int = 0
     public_url: str | None = None  # base of the URLs the API hands out, when behind a proxy
     owner: str | None = None  # owner of the admin key made on first start
+    # limits at the door (docs/service.md, "Limits"): gateway and queue alike
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # one request body; larger ones get 413
+    header_timeout: float = 10.0  # seconds a client has to send a request's headers
+    rate_limit: float = 0.0  # requests per second per key (or client address); 0: off
+    rate_burst: int = 50  # requests a caller may send at once before rate_limit applies
+    max_queue_depth: int = 100_000  # unfinished queued requests per app; more get 429
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_upload_members: int = 100_000
+    runtime: str = "local"  # "docker": every app runs in an image (image apps always do)
+    docker_cpu_base: str = "fal-base-cpu:bookworm"  # base images of generated Dockerfiles
+    docker_gpu_base: str = "fal-base-gpu:bookworm"
+    registry: str | None = None  # push built images there (host[:port][/path]), if set
     extra: dict[str, str] = field(default_factory=dict)  # free-form knobs for other parts
 
     @property
@@ -51,6 +63,8 @@ class ServerConfig:
         _check_int("emulate_gpus", self.emulate_gpus, 0, 64, "--emulate-gpus 2")
         _check_int("max_upload_bytes", self.max_upload_bytes, 1, 2**50, "10737418240")
         _check_int("max_upload_members", self.max_upload_members, 1, 10**7, "100000")
+        _check_limits(self)
+        _check_docker(self)
         if self.public_url is not None and not self.public_url.startswith(("http://", "https://")):
             raise ConfigError(
                 f"public_url = {self.public_url!r}: expected an http(s) URL, "
@@ -99,6 +113,43 @@ def _check_tls(cert: Path | None, key: Path | None) -> None:
                 f"{flag} {str(path)!r}: file does not exist or is not readable; "
                 "pass a readable PEM file"
             )
+
+
+def _check_docker(cfg: ServerConfig) -> None:
+    if cfg.runtime not in RUNTIMES:
+        raise ConfigError(
+            f"runtime = {cfg.runtime!r}: expected one of {', '.join(RUNTIMES)}, "
+            "e.g. --runtime docker"
+        )
+    for name in ("docker_cpu_base", "docker_gpu_base"):
+        value = getattr(cfg, name)
+        if not isinstance(value, str) or not value.strip() or " " in value:
+            raise ConfigError(
+                f"{name} = {value!r}: expected an image reference, e.g. "
+                f"--{name.replace('_', '-')} fal-base-cpu:bookworm"
+            )
+    registry = cfg.registry
+    if registry is not None and (not registry or "://" in registry or " " in registry):
+        raise ConfigError(
+            f"registry = {registry!r}: expected host[:port][/path] without a scheme, "
+            "e.g. --registry registry.example.com:5000/fal"
+        )
+
+
+def _check_limits(cfg: ServerConfig) -> None:
+    _check_int("max_body_bytes", cfg.max_body_bytes, 1, 2**40, "--max-body-bytes 67108864")
+    _check_int("rate_burst", cfg.rate_burst, 1, 10**6, "--rate-burst 50")
+    _check_int("max_queue_depth", cfg.max_queue_depth, 0, 10**9,
+               "--max-queue-depth 100000 (0: no cap)")  # fmt: skip
+    for name, value, example in (
+        ("header_timeout", cfg.header_timeout, "--header-timeout 10"),
+        ("rate_limit", cfg.rate_limit, "--rate-limit 20 (0: off)"),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise ConfigError(f"{name} = {value!r}: expected a number >= 0, e.g. {example}")
+    if cfg.header_timeout == 0:
+        raise ConfigError("header_timeout = 0: expected a number of seconds > 0, "
+                          "e.g. --header-timeout 10")  # fmt: skip
 
 
 def _check_int(name: str, value: object, low: int, high: int, example: str) -> None:

@@ -25,8 +25,10 @@ from buildsvc.api.views import app_urls, app_view, revision_view
 from buildsvc.auth import AUTH_MODES
 from buildsvc.blobs import BlobError, BlobStore, check_relpath, is_sha256
 from buildsvc.builder.env import BuildError, Env
+from buildsvc.builder.image import ImageBuildError
 from buildsvc.records import AppRecord, RevisionRecord
 from buildsvc.runtime.base import RunnerStartError
+from buildsvc.runtime.docker import EngineUnavailable
 from buildsvc.store import Store, new_revision_id
 from falcli.packaging.manifest import (
     FORMAT_VERSION,
@@ -74,6 +76,24 @@ class _Builder(Protocol):
     ) -> Env: ...  # fmt: skip
 
 
+class _Images(Protocol):
+    """Container images (``runtime.docker.ContainerRuntime``): which apps need one, build it."""
+
+    def wanted(self, manifest: dict[str, Any]) -> bool: ...
+    async def ensure_image(
+        self, manifest: dict[str, Any], *, no_cache: bool = False, log: Callable[[str], None],
+    ) -> str: ...  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Built:
+    """What a build produced: the env (local runners) or the image (container runners)."""
+
+    env_key: str
+    python: str
+    image: str = ""
+
+
 class _Fleet(Protocol):
     async def ensure_runner(self, app: AppRecord, revision: RevisionRecord) -> Any: ...
     async def revision_changed(self, app: AppRecord, strategy: str) -> None: ...
@@ -112,6 +132,7 @@ class Deployer:
         self, *, store: Store, blobs: BlobStore, builder: _Builder, fleet: _Fleet,
         check_gpus: Callable[[list[str], int], None], bundles_dir: Path,
         logs: Any = None, prewarm: Callable[[Path], Awaitable[None]] | None = None,
+        images: _Images | None = None,
     ) -> None:  # fmt: skip
         self._store = store
         self._blobs = blobs
@@ -123,6 +144,7 @@ class Deployer:
         # Starts the env's zygote while the revision is committed, so even the first
         # request's cold start forks a pre-imported runner.
         self._prewarm = prewarm
+        self._images = images  # apps with an image (all of them with --runtime docker)
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     # validation
@@ -216,18 +238,17 @@ class Deployer:
         started = time.monotonic()
         try:
             workdir = await asyncio.to_thread(self._materialise, plan.manifest)
-            env = await self._builder.ensure(
-                plan.manifest["python"], plan.manifest["requirements"],
-                no_cache=plan.no_cache, log=self._build_log(plan, emit),
-            )  # fmt: skip
+            built = await self._build(plan, emit)
         except BlobError as exc:
             return emit(_error("invalid_manifest", str(exc)))
         except BuildError as exc:
             return emit(_error("build_failed", _build_failure(exc)))
-        if self._prewarm is not None:
-            await self._prewarm(env.python)
+        except ImageBuildError as exc:
+            return emit(_error("build_failed", _image_failure(exc)))
+        except EngineUnavailable as exc:
+            return emit(_error("engine_unavailable", str(exc)))
         _log.info("built %s/%s in %.2fs", plan.owner, plan.app_name, time.monotonic() - started)
-        app, revision = self._commit(plan, env, workdir)
+        app, revision = self._commit(plan, built, workdir)
         # The revision is live now: the fleet must hear of it even if the client goes away.
         await asyncio.shield(self._fleet.revision_changed(app, plan.strategy))
         if plan.ephemeral:
@@ -238,6 +259,20 @@ class Deployer:
                 return emit(_error("setup_failed", exc.detail or str(exc)))
         emit({"event": "stage", "stage": "ready"})
         emit(self._done(app, revision, base_url))
+
+    async def _build(self, plan: DeployPlan, emit: _Emit) -> _Built:
+        """The app's image when it runs in one, else its uv env (and a prewarmed zygote)."""
+        log = self._build_log(plan, emit)
+        if self._images is not None and self._images.wanted(plan.manifest):
+            tag = await self._images.ensure_image(plan.manifest, no_cache=plan.no_cache, log=log)
+            return _Built(env_key=tag, python="", image=tag)
+        env: Env = await self._builder.ensure(
+            plan.manifest["python"], plan.manifest["requirements"], no_cache=plan.no_cache,
+            log=log,
+        )  # fmt: skip
+        if self._prewarm is not None:
+            await self._prewarm(env.python)
+        return _Built(env.key, str(env.python))
 
     def _materialise(self, manifest: dict[str, Any]) -> Path:
         files: dict[str, str] = manifest["files"]
@@ -253,15 +288,15 @@ class Deployer:
         return log
 
     def _commit(
-        self, plan: DeployPlan, env: Env, workdir: Path
+        self, plan: DeployPlan, built: _Built, workdir: Path
     ) -> tuple[AppRecord, RevisionRecord]:
         manifest = plan.manifest
         revision = RevisionRecord(
             id=new_revision_id(), owner=plan.owner, app=plan.app_name,
-            bundle_hash=manifest["hash"], manifest=manifest, env_key=env.key,
-            python=str(env.python), workdir=str(workdir),
+            bundle_hash=manifest["hash"], manifest=manifest, env_key=built.env_key,
+            python=built.python, workdir=str(workdir),
             payload=str(self._blobs.path(manifest["payload"])), message=plan.message,
-            created_at=time.time(),
+            created_at=time.time(), image=built.image,
         )  # fmt: skip
         scale = self._scale_for(plan)
         app = AppRecord(plan.owner, plan.app_name, plan.auth, plan.ephemeral, None, scale)
@@ -390,6 +425,16 @@ def _check_options(options: dict[str, Any]) -> None:
             f"option machine_type = {machine!r}: expected a name or a list of names, "
             "e.g. 'GPU-H100' or ['GPU-H100', 'GPU-A100']"
         )
+
+
+def _image_failure(exc: ImageBuildError) -> str:
+    """Our explanation, the failing step, then that step's output."""
+    parts = [str(exc).strip()]
+    if exc.step:
+        parts.append(f"failing step: {exc.step}")
+    if exc.detail.strip():
+        parts.append(exc.detail.strip())
+    return "\n".join(parts)
 
 
 def _build_failure(exc: BuildError) -> str:

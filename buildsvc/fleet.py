@@ -8,9 +8,16 @@ already starting and the app is under ``max_concurrency``, a cold start begins. 
 slot is handed straight to the oldest waiter, so waiters are served in order and a request
 arriving later cannot overtake them.
 
-A background loop applies ``desired_runners`` (a pure function, swappable for a smarter
-autoscaler) to stop runners idle longer than ``keep_alive`` while keeping ``min_concurrency``
-warm. Runner states: PENDING -> SETUP -> IDLE <-> RUNNING -> DRAINING -> TERMINATED, or FAILED.
+A background loop applies the pure policy of ``buildsvc.scaler`` (runners, waiting requests,
+the queue's backlog and the app's live scale settings -> runners to start and to stop), and
+so does every new waiter, so a cold start begins at once unless ``scaling_delay`` says wait.
+Runner states: PENDING -> SETUP -> IDLE <-> RUNNING -> DRAINING -> TERMINATED, or FAILED. A
+runner that reports DRAINING by itself (it got a SIGTERM) takes no new request.
+
+Health: with ``health_check.call_regularly`` every runner's path is probed (GET, non-2xx or
+timeout is a failure, counted once the runner is ``start_period_seconds`` old); after
+``failure_threshold`` failures in a row it is replaced. ``probe`` checks a runner once (the
+gateway and the queue call it after a 500 or 502).
 
 Everything runs on the service's event loop; state changes happen between awaits, so no lock
 is needed.
@@ -30,11 +37,14 @@ import secrets
 import time
 import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
+from buildsvc import scaler
 from buildsvc.logs import LogHub, LogRecord
 from buildsvc.records import AppRecord, RevisionRecord, RunnerRecord
 from buildsvc.runtime.base import (
@@ -44,6 +54,7 @@ from buildsvc.runtime.base import (
     RunnerState,
     RuntimeBackend,
 )
+from buildsvc.scaler import AppLoad, RunnerLoad, ScaleDecision, ScaleSettings
 
 __all__ = [
     "AppStopped",
@@ -62,6 +73,8 @@ _DEFAULTS = {"keep_alive": 10, "min_concurrency": 0, "max_concurrency": 10, "max
 _SERVING = (RunnerState.IDLE, RunnerState.RUNNING)
 _STARTING = (RunnerState.PENDING, RunnerState.SETUP)
 _MAX_BACKOFF = 60.0  # seconds between keep-warm retries of an app that fails to start
+_HEALTH_INTERVAL = 10.0  # seconds between regular health probes (config: fleet.health_interval)
+_PROBE_DEFAULT = {"path": "/health", "timeout_seconds": 5}  # a one-off probe without a config
 
 
 class FleetError(Exception):
@@ -95,7 +108,7 @@ class RunnerInfo:
         return data
 
 
-# -- the scaling decision (pure) --------------------------------------------------------
+# -- the first scaling API, kept for its callers; the policy is buildsvc.scaler -----------
 
 
 @dataclass(frozen=True)
@@ -105,34 +118,14 @@ class ScalePolicy:
     keep_alive: float
 
 
-@dataclass(frozen=True)
-class RunnerLoad:
-    id: str
-    in_flight: int
-    last_used: float
-    starting: bool
-
-
-@dataclass(frozen=True)
-class ScaleDecision:
-    start: int
-    stop: tuple[str, ...]
-
-
 def desired_runners(
     policy: ScalePolicy, runners: Sequence[RunnerLoad], now: float
 ) -> ScaleDecision:
     """Which idle runners to stop and how many to start, for one app's live runners."""
-    expired = sorted(
-        (r for r in runners if not r.starting and r.in_flight == 0
-         and now - r.last_used >= policy.keep_alive),
-        key=lambda r: r.last_used,
-    )  # fmt: skip
-    stoppable = max(0, len(runners) - policy.min_concurrency)
-    floor = min(policy.min_concurrency, policy.max_concurrency)
-    return ScaleDecision(
-        start=max(0, floor - len(runners)), stop=tuple(r.id for r in expired[:stoppable])
-    )
+    settings = ScaleSettings(min_concurrency=policy.min_concurrency,
+                             max_concurrency=policy.max_concurrency,
+                             keep_alive=policy.keep_alive)  # fmt: skip
+    return scaler.decide(settings, AppLoad(runners), now)
 
 
 # -- bookkeeping -------------------------------------------------------------------------
@@ -150,12 +143,15 @@ class _Runner:
     boot: asyncio.Task[None] | None = None
     stop_task: asyncio.Task[None] | None = None
     watch: asyncio.Task[None] | None = None
+    health: asyncio.Task[None] | None = None  # the regular probes, or a one-off probe
+    backend: Any = None  # what runs it: ``backend_for(revision)`` (processes or containers)
 
 
 @dataclass(eq=False)
 class _Waiter:
     fut: asyncio.Future[_Runner | BaseException]
     request_id: str | None
+    since: float = field(default_factory=time.time)
 
 
 @dataclass(eq=False)
@@ -209,13 +205,20 @@ class Fleet:
         gpus: Any,
         logs: LogHub,
         config: Any,
+        backend_for: Callable[[RevisionRecord], RuntimeBackend] | None = None,
     ) -> None:
         self._store, self._backend, self._gpus, self._logs = store, backend, gpus, logs
+        # Per revision: one with an image runs as containers, the others as processes.
+        self._backend_for = backend_for or (lambda _revision: backend)
         extra = getattr(config, "extra", None) or {}
         self._interval = float(extra.get("fleet.reap_interval", 1.0))
+        self._health_interval = float(extra.get("fleet.health_interval", _HEALTH_INTERVAL))
         self._pools: dict[tuple[str, str], _Pool] = {}
         self._by_id: dict[str, _Runner] = {}
         self._loop_task: asyncio.Task[None] | None = None
+        self._backlog: Callable[[str, str], int] | None = None  # the queue's pending rows
+        self._on_scale: Callable[[str, str], None] | None = None
+        self._probes: aiohttp.ClientSession | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -238,6 +241,8 @@ class Fleet:
             self._close_pool(pool)
         stops = [self._request_stop(r) for p in pools for r in list(p.runners.values())]
         await asyncio.gather(*stops, return_exceptions=True)
+        if self._probes is not None:
+            await self._probes.close()
         self._logs.flush()
 
     # -- public API ---------------------------------------------------------------------
@@ -307,6 +312,31 @@ class Fleet:
         old = self._switch(pool, rev, strategy)
         if strategy == "recreate":
             await asyncio.gather(*(self._request_stop(r) for r in old), return_exceptions=True)
+
+    def attach_backlog(
+        self, count: Callable[[str, str], int], on_scale: Callable[[str, str], None]
+    ) -> None:
+        """Let the queue take part: ``count(owner, app)`` is its number of pending rows (the
+        scaler's queue depth), ``on_scale(owner, app)`` is told when an app's scale changed."""
+        self._backlog, self._on_scale = count, on_scale
+
+    def update_scale(self, app: AppRecord) -> None:
+        """Apply ``app.scale`` (just stored) now: start or stop runners as the policy says.
+        Runners already up keep the max_multiplexing they started with."""
+        pool = self._pool(app)
+        self._apply(pool, time.time())
+        if self._on_scale is not None:
+            self._on_scale(app.owner, app.name)
+
+    def probe(self, runner_id: str) -> None:
+        """Check one runner's health path once, in the background; replace it if it fails.
+        The gateway and the queue call this when a runner answered 500 or 502."""
+        runner = self._by_id.get(runner_id)
+        if runner is None or runner.stop_task is not None or runner.handle is None:
+            return
+        if runner.health is None or runner.health.done():  # regular probes cover it otherwise
+            pool = self._pools.get((runner.info.owner, runner.info.app))
+            runner.health = asyncio.create_task(self._probe_once(pool, runner))
 
     def list_runners(self, owner: str | None = None, app: str | None = None) -> list[RunnerInfo]:
         return [
@@ -397,17 +427,25 @@ class Fleet:
             info.state = RunnerState.IDLE
 
     def _scale_up(self, pool: _Pool) -> None:
-        """Cold-start runners while waiting requests outnumber the slots being started."""
+        """Cold-start what the policy wants for the waiting requests, now: the keep-alive
+        loop would only see them a tick later (it also adds the queue's backlog)."""
         if pool.closed or pool.revision is None or not pool.waiters:
             return
-        rev = pool.revision
-        live = pool.live()
-        supply = sum(r.max_multiplexing for r in live
-                     if r.info.revision == rev.id and r.info.state in _STARTING)  # fmt: skip
-        cap = max(1, int(pool.options()["max_concurrency"]))  # 0 would hang every request
-        while len(pool.waiters) > supply and len(live) < cap:
-            live.append(self._spawn(pool, rev))
-            supply += live[-1].max_multiplexing
+        settings = ScaleSettings.from_options(pool.options())
+        decision = scaler.decide(settings, self._load(pool, backlog=False), time.time())
+        for _ in range(decision.start):
+            self._spawn(pool, pool.revision)
+
+    def _load(self, pool: _Pool, *, backlog: bool) -> AppLoad:
+        runners = [RunnerLoad(r.info.id, r.info.in_flight, r.info.last_used,
+                              r.info.state in _STARTING) for r in pool.live()]  # fmt: skip
+        waiting = len(pool.waiters)
+        if backlog and self._backlog is not None:
+            try:
+                waiting += self._backlog(pool.app.owner, pool.app.name)
+            except Exception:  # a closing queue database must not stop the loop
+                pass
+        return AppLoad(runners, waiting, pool.waiters[0].since if pool.waiters else None)
 
     def _switch(self, pool: _Pool, revision: RevisionRecord, strategy: str) -> list[_Runner]:
         """Make ``revision`` the serving one; drain the runners of other revisions."""
@@ -457,7 +495,8 @@ class Fleet:
     ) -> None:
         try:
             spec = self._spec(runner, revision, opts)
-            handle = await self._backend.start(spec, self)
+            runner.backend = self._backend_for(revision)
+            handle = await runner.backend.start(spec, self)
         except asyncio.CancelledError:
             self._finish(pool, runner, RunnerState.TERMINATED, "stopped while starting")
             raise
@@ -478,6 +517,9 @@ class Fleet:
         runner.ready.set_result(None)
         pool.failures = 0
         runner.watch = asyncio.create_task(self._watch(pool, runner, handle))
+        check = opts.get("health_check")
+        if isinstance(check, dict) and check.get("call_regularly"):
+            runner.health = asyncio.create_task(self._probe_loop(pool, runner, check))
         if runner.stop_task is None and pool.revision and revision.id == pool.revision.id:
             self._hand_off(pool, runner)
             if runner.info.in_flight:
@@ -523,8 +565,10 @@ class Fleet:
                     waiter.fut.set_result(exc)
 
     async def _watch(self, pool: _Pool, runner: _Runner, handle: RunnerHandle) -> None:
-        code = await self._backend.wait(handle)
-        if runner.stop_task is None and runner.info.state not in (
+        code = await (runner.backend or self._backend).wait(handle)
+        if runner.stop_task is None and runner.info.state == RunnerState.DRAINING and code == 0:
+            self._finish(pool, runner, RunnerState.TERMINATED, "drained and exited")
+        elif runner.stop_task is None and runner.info.state not in (
             RunnerState.TERMINATED, RunnerState.FAILED,
         ):  # fmt: skip
             self._log(runner.info, "ERROR",
@@ -545,7 +589,7 @@ class Fleet:
             runner.boot.cancel()
             await asyncio.gather(runner.boot, return_exceptions=True)
         elif runner.handle is not None:
-            await self._backend.stop(runner.handle, runner.grace)
+            await (runner.backend or self._backend).stop(runner.handle, runner.grace)
         self._finish(pool, runner, RunnerState.TERMINATED, "stopped")
 
     def _finish(self, pool: _Pool | None, runner: _Runner, state: RunnerState, why: str) -> None:
@@ -556,6 +600,8 @@ class Fleet:
             pool.runners.pop(runner.info.id, None)
         if self._gpus is not None:
             self._gpus.release(runner.info.id)
+        if runner.health is not None and runner.health is not asyncio.current_task():
+            runner.health.cancel()
         self._set_state(runner, state, why)
         self._record(runner.info, ended=True)
         if not runner.ready.done():
@@ -567,6 +613,20 @@ class Fleet:
         runner = self._by_id.get(runner_id)
         if runner is not None and state in _STARTING:
             self._set_state(runner, state, detail)  # IDLE and the ends are ours to decide
+        elif runner is not None and state == RunnerState.DRAINING and runner.stop_task is None:
+            self._drained_by_signal(runner)
+
+    def _drained_by_signal(self, runner: _Runner) -> None:
+        """The runner got a SIGTERM from elsewhere: route nothing new to it; it finishes its
+        requests, and the fleet stops it once they are done (or at once if it has none)."""
+        if runner.info.state not in _SERVING:
+            return
+        self._set_state(runner, RunnerState.DRAINING, "the runner got SIGTERM")
+        pool = self._pools.get((runner.info.owner, runner.info.app))
+        if runner.info.in_flight == 0:
+            self._request_stop(runner)
+        if pool is not None:
+            self._scale_up(pool)
 
     def on_log(self, runner_id: str, stream: str, line: str) -> None:
         runner = self._by_id.get(runner_id)
@@ -587,6 +647,53 @@ class Fleet:
             return runner.request_id
         return None
 
+    # -- health checks ------------------------------------------------------------------
+
+    async def _probe_loop(self, pool: _Pool, runner: _Runner, check: dict[str, Any]) -> None:
+        failures = 0
+        threshold = max(1, int(check.get("failure_threshold") or 3))
+        start_period = float(check.get("start_period_seconds") or 0)
+        while runner.stop_task is None and runner.info.id in self._by_id:
+            await asyncio.sleep(self._health_interval)
+            if runner.stop_task is not None or runner.info.state not in _SERVING:
+                return
+            if await self._probe_ok(runner, check):
+                failures = 0
+            elif time.time() - runner.info.started_at >= start_period:
+                failures += 1
+                if failures >= threshold:
+                    self._replace(pool, runner, f"failed {failures} health checks in a row")
+                    return
+
+    async def _probe_once(self, pool: _Pool | None, runner: _Runner) -> None:
+        opts = pool.options() if pool is not None else {}
+        check = opts.get("health_check") or _PROBE_DEFAULT
+        if not await self._probe_ok(runner, check):
+            self._replace(pool, runner, "its health check failed after a 500/502 answer")
+
+    async def _probe_ok(self, runner: _Runner, check: dict[str, Any]) -> bool:
+        """GET the health path: a 2xx within ``timeout_seconds`` is healthy."""
+        if self._probes is None or self._probes.closed:
+            self._probes = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        timeout = aiohttp.ClientTimeout(total=float(check.get("timeout_seconds") or 5))
+        try:
+            url = f"{runner.info.url}{check.get('path') or '/health'}"
+            async with self._probes.get(url, timeout=timeout, allow_redirects=False) as resp:
+                return 200 <= resp.status < 300
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    def _replace(self, pool: _Pool | None, runner: _Runner, why: str) -> None:
+        """Take an unhealthy runner out of service: DRAINING, stopped, a new one if needed."""
+        if runner.stop_task is not None or runner.info.id not in self._by_id:
+            return
+        self._log(runner.info, "WARNING", f"runner {runner.info.id} is unhealthy ({why}): "
+                  "replacing it")  # fmt: skip
+        self._set_state(runner, RunnerState.DRAINING, why)
+        self._request_stop(runner)
+        if pool is not None:
+            self._apply(pool, time.time())  # waiters and min_concurrency get a new runner
+
     # -- the keep-alive loop ------------------------------------------------------------
 
     async def _scale_loop(self) -> None:
@@ -598,20 +705,14 @@ class Fleet:
     def _apply(self, pool: _Pool, now: float) -> None:
         if pool.closed or pool.revision is None:
             return
-        opts = pool.options()
-        policy = ScalePolicy(
-            min_concurrency=int(opts["min_concurrency"]),
-            max_concurrency=int(opts["max_concurrency"]),
-            keep_alive=float(opts["keep_alive"]),
-        )
+        settings = ScaleSettings.from_options(pool.options())
         live = {r.info.id: r for r in pool.live()}
-        loads = [
-            RunnerLoad(r.info.id, r.info.in_flight, r.info.last_used, r.info.state in _STARTING)
-            for r in live.values()
-        ]  # other revisions' runners (staged by ensure_runner) age out the same way
-        decision = desired_runners(policy, loads, now)
+        # other revisions' runners (staged by ensure_runner) age out the same way
+        decision = scaler.decide(settings, self._load(pool, backlog=True), now)
         for rid in decision.stop:
-            self._log(live[rid].info, "INFO", f"runner {rid} idle past keep_alive: stopping")
+            idle = now - live[rid].info.last_used >= settings.keep_alive
+            why = "idle past keep_alive" if idle else "above max_concurrency"
+            self._log(live[rid].info, "INFO", f"runner {rid} {why}: stopping")
             self._request_stop(live[rid])
         if now >= pool.retry_at:  # an app whose setup keeps failing is not restarted in a loop
             for _ in range(decision.start):

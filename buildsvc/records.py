@@ -45,6 +45,7 @@ class RevisionRecord:
     payload: str  # path of the cloudpickle blob
     message: str = ""
     created_at: float = 0.0
+    image: str = ""  # the container image its runners run ("": local processes in the env)
 
 
 @dataclass(frozen=True)

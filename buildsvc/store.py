@@ -23,7 +23,7 @@ from buildsvc.records import AppRecord, KeyRecord, RevisionRecord, RunnerRecord
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "Store", "StoreError", "new_revision_id"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS apps (
 CREATE TABLE IF NOT EXISTS revisions (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, app TEXT NOT NULL, bundle_hash TEXT NOT NULL,
     manifest TEXT NOT NULL, env_key TEXT NOT NULL, python TEXT NOT NULL, workdir TEXT NOT NULL,
-    payload TEXT NOT NULL, message TEXT NOT NULL, created_at REAL NOT NULL
+    payload TEXT NOT NULL, message TEXT NOT NULL, created_at REAL NOT NULL,
+    image TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS revisions_app ON revisions (owner, app, id);
 CREATE TABLE IF NOT EXISTS runners (
@@ -49,6 +50,11 @@ CREATE TABLE IF NOT EXISTS runners (
 );
 CREATE INDEX IF NOT EXISTS runners_app ON runners (owner, app, started_at);
 """
+
+# version -> the statements that bring a database of that version to the next one.
+_MIGRATIONS = {
+    1: ("ALTER TABLE revisions ADD COLUMN image TEXT NOT NULL DEFAULT ''",),  # container images
+}
 
 _AppKey = tuple[str, str]
 _Resolved = tuple[AppRecord, RevisionRecord | None]
@@ -109,9 +115,11 @@ class SQLiteStore:
             row = db.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
+                return
+            version = _migrate(db, row[0])
+            if version != SCHEMA_VERSION:
                 raise StoreError(
-                    f"{self.path}: schema version {row[0]}, this service knows "
+                    f"{self.path}: schema version {version}, this service knows "
                     f"{SCHEMA_VERSION}; upgrade the service or start with a fresh --data-dir"
                 )
 
@@ -216,7 +224,7 @@ class SQLiteStore:
                 app.owner, app.name, app.auth, app.ephemeral, revision.id, app.scale, created
             )
             db.execute(
-                "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 _revision_row(revision),
             )
             _upsert_app(db, current)
@@ -267,6 +275,16 @@ class SQLiteStore:
         return [RunnerRecord(**dict(row)) for row in rows]
 
 
+def _migrate(db: sqlite3.Connection, version: int) -> int:
+    """Upgrade an older database in place (inside the caller's transaction); keeps its data."""
+    while version in _MIGRATIONS:
+        for statement in _MIGRATIONS[version]:
+            db.execute(statement)
+        version += 1
+        db.execute("UPDATE schema_version SET version = ?", (version,))
+    return version
+
+
 def _filters(**values: str | None) -> tuple[str, tuple[str, ...]]:
     given = {k: v for k, v in values.items() if v is not None}
     if not given:
@@ -311,7 +329,7 @@ def _revision_row(rev: RevisionRecord) -> tuple[Any, ...]:
     manifest = json.dumps(rev.manifest)
     created = rev.created_at or time.time()
     return (rev.id, rev.owner, rev.app, rev.bundle_hash, manifest, rev.env_key, rev.python,
-            rev.workdir, rev.payload, rev.message, created)  # fmt: skip
+            rev.workdir, rev.payload, rev.message, created, rev.image)  # fmt: skip
 
 
 def _revision(row: sqlite3.Row) -> RevisionRecord:

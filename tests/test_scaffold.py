@@ -154,5 +154,6 @@ def test_unknown_template(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         create_app(tmp_path, "x-app", "gpu")
     assert str(info.value) == (
-        "template 'gpu' does not exist: choose one of basic, proxy, streaming, e.g. --template basic"
+        "template 'gpu' does not exist: choose one of basic, proxy, streaming, "
+        "e.g. --template basic"
     )

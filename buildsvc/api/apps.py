@@ -19,10 +19,18 @@ from buildsvc.api.views import app_view, revision_view
 from buildsvc.auth import OwnerError, check_owner
 from buildsvc.deploy import DeployError
 from buildsvc.records import AppRecord, KeyRecord
+from falcli.errors import OptionError
+from falcli.options import check_known, validate_option
 
 __all__ = ["router"]
 
 router = APIRouter()
+
+# What `fal apps scale` may change on a live app (validated by falcli.options' rules).
+_SCALE_KEYS = (
+    "min_concurrency", "max_concurrency", "keep_alive", "max_multiplexing",
+    "concurrency_buffer", "concurrency_buffer_perc", "scaling_delay",
+)  # fmt: skip
 
 _NDJSON = "application/x-ndjson"
 _APP_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # probe the log hub only with real names
@@ -81,6 +89,48 @@ async def delete_app(
     await svc.fleet.stop_app(app.owner, app.name)
     svc.store.delete_app(app.owner, app.name)
     return {"deleted": f"{app.owner}/{app.name}"}
+
+
+@router.patch("/v1/apps/{name}/scale")
+async def scale(
+    request: Request, name: str, owner: str | None = None, key: KeyRecord = Depends(caller)
+) -> dict[str, Any]:
+    """Change a live app's scale settings; the fleet applies them at once. The next deploy
+    keeps them (unless ``reset_scale`` / ``app_scale_settings``)."""
+    app = _find(request, key, name, owner)
+    svc = services(request)
+    changes = _scale_changes(name, await json_object(request))
+    resolved = svc.store.resolve(app.owner, app.name)
+    options = resolved[1].manifest.get("options", {}) if resolved and resolved[1] else {}
+    merged = {**app.scale, **changes}
+    _check_bounds(name, {**options, **merged})
+    updated = svc.store.update_scale(app.owner, app.name, merged)
+    if updated is None:  # deleted meanwhile
+        raise ApiError(404, _no_app(app.owner, name), "not_found")
+    svc.fleet.update_scale(updated)
+    return _view(request, updated)
+
+
+def _scale_changes(name: str, body: dict[str, Any]) -> dict[str, Any]:
+    where = f"fal apps scale {name}"
+    try:
+        check_known(body, where=where, known=_SCALE_KEYS)
+        changes = {k: validate_option(k, v, where=where) for k, v in body.items() if v is not None}
+    except OptionError as exc:
+        raise ApiError(400, str(exc), "invalid_scale") from None
+    if not changes:
+        raise ApiError(400, f"{where}: nothing to change: pass at least one of "
+                       + ", ".join(_SCALE_KEYS) + ', e.g. {"min_concurrency": 1}',
+                       "invalid_scale")  # fmt: skip
+    return changes
+
+
+def _check_bounds(name: str, options: dict[str, Any]) -> None:
+    low, high = options.get("min_concurrency") or 0, options.get("max_concurrency") or 10
+    if low > high:
+        raise ApiError(400, f"fal apps scale {name}: min_concurrency = {low} is greater than "
+                       f"max_concurrency = {high}: lower min_concurrency or raise "
+                       f"max_concurrency to at least {low}", "invalid_scale")  # fmt: skip
 
 
 @router.get("/v1/apps/{name}/revisions")

@@ -12,6 +12,11 @@ response, ``x-fal-endpoint`` to the runner, ``X-Fal-Runner-Hint(s)``, 504 with
 seconds, 503 ``startup_error`` with the app's traceback when its cold start fails, 503
 ``runner_disconnected`` when a runner drops the connection (sync calls are never retried).
 Websockets are relayed by ``gateway.websocket``.
+
+Limits at the door (the queue applies the same ones to submits): a body over
+``max_body_bytes`` is 413 ``payload_too_large``; with ``rate_limit`` on, a caller (its key,
+else its address) over its token bucket gets 429 ``rate_limited`` with ``Retry-After``. A
+runner answering 500 or 502 gets one health probe (``Fleet.probe``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,65 @@ __all__ = ["Gateway", "Target"]
 _TRACEBACK_TAIL = 4000  # characters of an app's startup traceback shown to the caller
 _CONNECT_TIMEOUT = 10.0
 _DROP_FROM_RUNNER = HOP_BY_HOP | {b"x-fal-request-id"}
+_MAX_BODY = 64 * 1024**2  # without a config saying otherwise
+_PROBED = (500, 502)  # answers after which the runner's health is checked once
+_BUCKETS_KEPT = 10_000  # callers remembered before full buckets are forgotten
+
+
+class _RateLimiter:
+    """A token bucket per caller: ``rate`` requests per second, bursts of ``burst``.
+
+    ``wait(caller)`` takes a token and returns 0, or returns the seconds until one is due
+    (the caller is refused: 429 with that Retry-After). ``rate`` 0 turns it off."""
+
+    def __init__(self, rate: float, burst: int, clock: Any = time.monotonic) -> None:
+        self.rate, self.burst, self._clock = float(rate), max(1, int(burst)), clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, at)
+
+    def wait(self, caller: str) -> float:
+        if self.rate <= 0:
+            return 0.0
+        now = self._clock()
+        tokens, at = self._buckets.get(caller, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        if len(self._buckets) >= _BUCKETS_KEPT:
+            self._forget_full(now)
+        if tokens >= 1.0:
+            self._buckets[caller] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[caller] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+    def _forget_full(self, now: float) -> None:
+        """A bucket refilled to the brim is the same as no bucket: drop those."""
+        full = [c for c, (t, at) in self._buckets.items()
+                if t + (now - at) * self.rate >= self.burst]  # fmt: skip
+        for caller in full:
+            del self._buckets[caller]
+
+
+def _rate_refusal(limiter: _RateLimiter, keys: Any, scope: Scope, auth: bytes | None) -> None:
+    """Raise 429 when the caller is over its rate: the caller is the key it proved, else
+    its address (an unproven key id must not spend someone else's bucket)."""
+    if limiter.rate <= 0:
+        return
+    key = keys.authenticate(auth.decode("latin-1")) if auth else None
+    client = scope.get("client")
+    caller = f"key:{key.key_id}" if key is not None else f"addr:{client[0] if client else '?'}"
+    wait = limiter.wait(caller)
+    if wait > 0:
+        seconds = max(1, int(wait + 0.999))
+        raise Refused(429, f"rate limit of {limiter.rate:g} requests/s (bursts of "
+                      f"{limiter.burst}) reached for this key: retry in {seconds}s, or ask the "
+                      "operator to raise --rate-limit", "rate_limited",
+                      ((b"retry-after", str(seconds).encode()),))  # fmt: skip
+
+
+def _body_refusal(limit: int, size: int | None = None) -> Refused:
+    shown = f" ({size} bytes)" if size is not None else ""
+    detail = (f"request body over {limit} bytes{shown}: send large inputs as URLs, or ask "
+              "the operator to raise --max-body-bytes")  # fmt: skip
+    return Refused(413, detail, "payload_too_large")
 
 
 @dataclass
@@ -66,11 +130,19 @@ class Gateway:
         self._store, self._fleet, self._keys, self._logs = store, fleet, keys, logs
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+        self.max_body = int(getattr(config, "max_body_bytes", _MAX_BODY))
+        self._limiter = _RateLimiter(float(getattr(config, "rate_limit", 0.0)),
+                                     int(getattr(config, "rate_burst", 50)))  # fmt: skip
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def check_rate(self, scope: Scope, headers: dict[bytes, bytes]) -> None:
+        """Raise Refused(429) when the caller is over ``rate_limit`` (the queue's submits
+        share the buckets: one caller, one budget)."""
+        _rate_refusal(self._limiter, self._keys, scope, headers.get(b"authorization"))
 
     def session(self) -> aiohttp.ClientSession:
         """The one upstream session (created lazily: it must live on the serving loop)."""
@@ -103,6 +175,7 @@ class Gateway:
             ok, status, reason = self._keys.authorize(app, auth.decode("latin-1") if auth else None)
             if not ok:
                 raise Refused(status, reason, "unauthorized" if status == 401 else "forbidden")
+        self.check_rate(scope, headers)
         lease = await self._acquire(app, revision, headers, request_id)
         raw_path = scope.get("raw_path") or scope["path"].encode()
         raw_rest = raw_path.split(b"/", 3)[3] if raw_path.count(b"/") >= 3 else b""
@@ -168,6 +241,7 @@ class Gateway:
         headers = dict(scope["headers"])
         rid = request_id(headers)
         try:
+            _check_length(headers.get(b"content-length"), self.max_body)
             target = await self.resolve(scope, rid, headers)
         except Refused as exc:
             await send_error(send, exc.status, exc.detail, exc.error_type, rid, exc.headers)
@@ -186,7 +260,7 @@ class Gateway:
         query = scope.get("query_string") or b""
         url = URL(f"{runner.url}/{target.raw_rest.decode('latin-1')}"
                   + (f"?{query.decode('latin-1')}" if query else ""), encoded=True)  # fmt: skip
-        body = _RequestBody(receive)
+        body = _RequestBody(receive, self.max_body)
         try:
             resp = await self.session().request(
                 scope["method"], url,
@@ -195,6 +269,10 @@ class Gateway:
                 timeout=self.request_timeout(target.revision),
             )  # fmt: skip
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if body.too_large:  # a streamed body went over the cap: the runner is fine
+                refusal = _body_refusal(self.max_body)
+                await send_error(send, 413, refusal.detail, refusal.error_type, rid)
+                return False
             return await self._upstream_failed(send, target, rid, exc)
         async with resp:
             return await self._relay(resp, send, target, rid, body)
@@ -245,32 +323,47 @@ class Gateway:
             what = f"runner {target.lease.runner.id} broke off its response: {exc!r}"
             self._log(target.app, rid, "WARNING", what)
             return True
-        return resp.status == 503  # the protocol's "this runner is broken"
+        if resp.status in _PROBED and not _exposed(target.revision):
+            self._fleet.probe(target.lease.runner.id)
+        # The protocol's "this runner is broken"; a direct server's 503 (exposed_port, every
+        # path forwarded as is) is its own answer, not our runner agent's.
+        return resp.status == 503 and not _exposed(target.revision)
 
 
 class _RequestBody:
     """The caller's body as an aiohttp payload: bytes when it came in one piece (the usual
     case, sent with a Content-Length), else a stream of its chunks."""
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, limit: int = _MAX_BODY) -> None:
         self.receive = receive
         self.done = False
+        self.limit, self.size, self.too_large = limit, 0, False
+
+    def _count(self, chunk: bytes) -> bytes:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            self.too_large = True
+            raise aiohttp.ClientPayloadError(f"the request body went over {self.limit} bytes")
+        return chunk
 
     async def payload(self) -> Any:
         message = await self.receive()
         chunk = message.get("body", b"")
         if not message.get("more_body", False):
             self.done = True
+            if len(chunk) > self.limit:  # a Content-Length that lied
+                self.too_large = True
+                raise aiohttp.ClientPayloadError(f"the body went over {self.limit} bytes")
             return chunk or None
         return self._rest(chunk)
 
     async def _rest(self, first: bytes) -> Any:
-        yield first
+        yield self._count(first)
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
                 raise aiohttp.ClientPayloadError("the caller disconnected mid-body")
-            yield message.get("body", b"")
+            yield self._count(message.get("body", b""))
             if not message.get("more_body", False):
                 self.done = True
                 return
@@ -309,6 +402,16 @@ async def _pump_until_disconnect(
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+def _check_length(raw: bytes | None, limit: int) -> None:
+    """Refuse a declared body over the cap before any work (a runner slot, a cold start)."""
+    if raw is not None and raw.strip().isdigit() and int(raw) > limit:
+        raise _body_refusal(limit, int(raw))
+
+
+def _exposed(revision: RevisionRecord) -> bool:
+    return revision.manifest.get("options", {}).get("exposed_port") is not None
 
 
 def _split(scope: Scope) -> tuple[str, str, str]:

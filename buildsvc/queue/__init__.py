@@ -61,14 +61,22 @@ async def open_queue(
     settings: QueueSettings | None = None,
     webhook_base_delay: float = 1.0,
     store: QueueStore | None = None,
+    rate_check: Callable[[Any, dict[bytes, bytes]], None] | None = None,
 ) -> Queue:
     """Open ``<data_dir>/queue.db`` (or ``store``), recover interrupted requests, start
     dispatching. ``apps`` is the service's app store (``resolve``), ``keys`` its Keyring,
-    ``session`` returns the upstream aiohttp session (the gateway's ``session``)."""
+    ``session`` returns the upstream aiohttp session (the gateway's ``session``),
+    ``rate_check`` the gateway's per-key rate limit (``Gateway.check_rate``) for submits.
+    The fleet is told the queue's depth per app (its scaler counts the backlog)."""
+    settings = settings or QueueSettings()
     rows = store if store is not None else SQLiteQueueStore(Path(data_dir) / "queue.db")
     webhooks = WebhookSender(rows, session, base_delay=webhook_base_delay)
     dispatcher = Dispatcher(store=rows, apps=apps, fleet=fleet, logs=logs, session=session,
                             webhooks=webhooks, settings=settings)  # fmt: skip
     await dispatcher.start()
-    asgi = QueueService(store=rows, apps=apps, keys=keys, logs=logs, dispatcher=dispatcher)
+    asgi = QueueService(store=rows, apps=apps, keys=keys, logs=logs, dispatcher=dispatcher,
+                        max_body_bytes=settings.max_body_bytes, max_depth=settings.max_depth,
+                        rate_check=rate_check)  # fmt: skip
+    fleet.attach_backlog(lambda owner, app: rows.count(owner, app, (RowState.QUEUED,)),
+                         dispatcher.wake)  # fmt: skip
     return Queue(rows, dispatcher, asgi)

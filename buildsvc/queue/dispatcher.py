@@ -53,6 +53,8 @@ class QueueSettings:
     max_attempts: int = MAX_ATTEMPTS
     default_request_timeout: float = 3600.0
     retention_seconds: float = 7 * 24 * 3600.0  # how long finished requests stay readable
+    max_body_bytes: int = 64 * 1024**2  # a submit's body; larger ones get 413
+    max_depth: int = 100_000  # unfinished requests per app; a submit beyond gets 429 (0: none)
 
 
 class CancelOutcome(StrEnum):
@@ -272,6 +274,8 @@ class Dispatcher:
             no_retry=request.no_retry, max_attempts=self._settings.max_attempts,
         )  # fmt: skip
         decision = decide(answer.attempt, request.attempt, policy)
+        if answer.attempt.status in (500, 502):  # not retried, but is the runner still sane?
+            self._fleet.probe(runner.id)
         if decision.retry:
             self._retry(request, runner.id, decision.reason, decision.error_type or "")
         else:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
@@ -39,6 +41,8 @@ _NOT_STORED = HOP_BY_HOP | {
 _LATE_LOGS = 1.0  # seconds after a result in which an untagged runner line is still its own
 _STREAM_POLL = 1.0  # seconds between status re-reads of a stream when nothing was signalled
 _JSON = (b"content-type", b"application/json")
+_OPEN = (RowState.QUEUED, RowState.CLAIMED, RowState.RUNNING)  # what the depth cap counts
+_DEPTH_RECOUNT = 0.5  # seconds an app's counted depth is trusted (plus submits since)
 
 
 class QueueService:
@@ -53,11 +57,15 @@ class QueueService:
         logs: LogHub,
         dispatcher: Dispatcher,
         max_body_bytes: int = 64 * 1024 * 1024,
+        max_depth: int = 0,
+        rate_check: Callable[[Scope, dict[bytes, bytes]], None] | None = None,
     ) -> None:
         self._store, self._apps, self._keys, self._logs = store, apps, keys, logs
         self._dispatcher = dispatcher
         self._max_body = max_body_bytes
         self._commits = _GroupCommit(store)
+        self._depth = _DepthGauge(store, max_depth)
+        self._rate_check = rate_check  # the gateway's: raises Refused(429)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,7 +119,13 @@ class QueueService:
     ) -> None:
         owner, name, rid = ids
         headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        if length.strip().isdigit() and int(length) > self._max_body:
+            raise _too_large(self._max_body)  # before reading a byte of it
         self._authorize(self._lookup(owner, name), headers)
+        if self._rate_check is not None:
+            self._rate_check(scope, headers)
+        self._depth.admit(owner, name)
         query, webhook = _split_query(scope.get("query_string") or b"")
         deadline = _deadline(headers.get(b"x-fal-request-timeout"))
         raw_path = scope["path"][len(PREFIX) :].split("/", 3)
@@ -139,8 +153,7 @@ class QueueService:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_body:
-                raise Refused(413, f"request body over {self._max_body} bytes: send large "
-                              "inputs as URLs instead", "payload_too_large")  # fmt: skip
+                raise _too_large(self._max_body)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -307,6 +320,36 @@ class _GroupCommit:
         for _, done in batch:
             if not done.done():
                 done.set_result(None)
+
+
+class _DepthGauge:
+    """The per-app cap on unfinished requests, cheap on the submit path: one COUNT per app
+    at most every half second, plus the submits admitted since. Requests finished since
+    the count still count until the next one: the cap errs on the side of refusing."""
+
+    def __init__(self, store: QueueStore, limit: int) -> None:
+        self._store, self._limit = store, limit
+        self._seen: dict[tuple[str, str], tuple[int, float]] = {}  # app -> (count, at)
+
+    def admit(self, owner: str, app: str) -> None:
+        if self._limit <= 0:
+            return
+        now = time.monotonic()
+        count, at = self._seen.get((owner, app), (0, -math.inf))
+        if now - at > _DEPTH_RECOUNT:
+            count, at = self._store.count(owner, app, _OPEN), now
+        if count >= self._limit:
+            self._seen[(owner, app)] = (count, at)
+            raise Refused(429, f"the queue of {owner}/{app} holds {count} unfinished requests, "
+                          f"its cap (--max-queue-depth {self._limit}): retry later, or raise "
+                          "max_concurrency so it drains faster", "queue_full",
+                          ((b"retry-after", b"1"),))  # fmt: skip
+        self._seen[(owner, app)] = (count + 1, at)
+
+
+def _too_large(limit: int) -> Refused:
+    return Refused(413, f"request body over {limit} bytes: send large inputs as URLs, or ask "
+                   "the operator to raise --max-body-bytes", "payload_too_large")  # fmt: skip
 
 
 def _urls(scope: Scope, request: QueuedRequest) -> dict[str, str]:

@@ -119,6 +119,7 @@ class QueueStore(Protocol):
     def expire_leases(self, now: float) -> list[str]: ...
     def purge(self, finished_before: float) -> int: ...
     def pending_apps(self) -> list[tuple[str, str]]: ...
+    def count(self, owner: str, app: str, states: Sequence[RowState]) -> int: ...
     def pending_webhooks(self) -> list[QueuedRequest]: ...
     def set_webhook_state(self, request_id: str, state: str) -> None: ...
     def close(self) -> None: ...
@@ -271,6 +272,17 @@ class SQLiteQueueStore:
                 "SELECT DISTINCT owner, app FROM requests WHERE state = 'QUEUED'"
             ).fetchall()
         return [(str(r[0]), str(r[1])) for r in rows]
+
+    def count(self, owner: str, app: str, states: Sequence[RowState]) -> int:
+        """How many of the app's requests are in ``states`` (the scaler's queue depth with
+        QUEUED; the depth cap with every unfinished state). Served by the pending index."""
+        marks = ", ".join("?" * len(states))
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT COUNT(*) FROM requests WHERE owner = ? AND app = ? AND state IN ({marks})",
+                (owner, app, *(str(s) for s in states)),
+            ).fetchone()
+        return int(row[0])
 
     def pending_webhooks(self) -> list[QueuedRequest]:
         with self._lock:

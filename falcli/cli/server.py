@@ -33,10 +33,18 @@ def start(
     tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate (https)"),
     tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM private key (https)"),
     emulate_gpus: int | None = typer.Option(None, "--emulate-gpus", help="pretend N GPUs"),
+    runtime: str = typer.Option(
+        "local", "--runtime", help="runners as 'local' processes or 'docker' containers"
+    ),
+    registry: str | None = typer.Option(None, "--registry", help="push built images there"),
 ) -> None:
     """Run the server in the foreground until Ctrl-C."""
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together: pass both (PEM files) or neither")
+    if runtime not in ("local", "docker"):
+        raise ConfigError(
+            f"--runtime {runtime!r}: expected 'local' or 'docker', e.g. --runtime docker"
+        )
     home = load_settings(ctx).home
     default_dir = settings.server_data_dir(home)
     data_dir = data_dir or default_dir
@@ -53,6 +61,7 @@ def start(
         tls_key=tls_key,
         emulate_gpus=emulate_gpus,
     )
+    argv += ["--runtime", runtime] + (["--registry", registry] if registry else [])
     proc = subprocess.Popen(argv)  # same process group: the terminal's Ctrl-C reaches it
     try:
         code = _serve(proc, ready, record_in=home if data_dir == default_dir else None)

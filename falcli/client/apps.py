@@ -1,4 +1,4 @@
-"""Apps: deploy (streamed NDJSON events), list, get, delete, revisions, logs."""
+"""Apps: deploy (streamed NDJSON events), list, get, scale, delete, revisions, logs."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ class Apps:
 
     def get(self, name: str) -> dict[str, Any]:
         return dict(self._s.request("GET", f"/v1/apps/{_name(name)}"))
+
+    def scale(self, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+        """Change a live app's scale settings (only the keys given); return the app."""
+        return dict(self._s.request("PATCH", f"/v1/apps/{_name(name)}/scale", json_body=settings))
 
     def delete(self, name: str) -> None:
         self._s.request("DELETE", f"/v1/apps/{_name(name)}")
