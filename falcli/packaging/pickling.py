@@ -79,6 +79,12 @@ def _code_reduce(code: types.CodeType) -> tuple[Any, ...]:
 def rebuild_pydantic_model(cls: type, state: tuple[dict[str, Any], dict[str, Any]]) -> type:
     """Runner side: restore a by-value pydantic model, then rebuild its dropped schema."""
     _cp._class_setstate(cls, state)
+    # The metaclass already built a schema, validator and serializer for the empty class
+    # body cloudpickle created; drop them so the rebuild cannot reuse them (pydantic >= 2.14
+    # reuses a complete-looking core schema it finds on the class).
+    for key in _PYDANTIC_DERIVED:
+        if key in cls.__dict__:
+            delattr(cls, key)
     cls.__pydantic_complete__ = False  # type: ignore[attr-defined]
     cls.model_rebuild(force=True)  # type: ignore[attr-defined]
     return cls
