@@ -26,7 +26,7 @@ from buildsvc.fleet import Fleet
 from buildsvc.gateway.proxy import Gateway
 from buildsvc.logs import LogHub
 from buildsvc.queue import QueueSettings, open_queue
-from buildsvc.runtime.docker import ContainerRuntime
+from buildsvc.runtime.containers import ContainerRuntime
 from buildsvc.runtime.gpus import GpuAllocator, check_machine_type
 from buildsvc.runtime.local import LocalBackend
 from buildsvc.store import SQLiteStore

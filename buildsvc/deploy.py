@@ -28,7 +28,7 @@ from buildsvc.builder.env import BuildError, Env
 from buildsvc.builder.image import ImageBuildError
 from buildsvc.records import AppRecord, RevisionRecord
 from buildsvc.runtime.base import RunnerStartError
-from buildsvc.runtime.docker import EngineUnavailable
+from buildsvc.runtime.containers import EngineUnavailable
 from buildsvc.store import Store, new_revision_id
 from falcli.packaging.manifest import (
     FORMAT_VERSION,
@@ -77,7 +77,7 @@ class _Builder(Protocol):
 
 
 class _Images(Protocol):
-    """Container images (``runtime.docker.ContainerRuntime``): which apps need one, build it."""
+    """Container images (``runtime.containers.ContainerRuntime``): which apps need one, build it."""
 
     def wanted(self, manifest: dict[str, Any]) -> bool: ...
     async def ensure_image(

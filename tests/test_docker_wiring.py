@@ -11,7 +11,8 @@ import pytest
 from buildsvc.config import ConfigError, ServerConfig
 from buildsvc.records import AppRecord, RevisionRecord
 from buildsvc.runtime.base import RunnerSpec, RunnerStartError
-from buildsvc.runtime.docker import ContainerPlan, ContainerRuntime
+from buildsvc.runtime.containers import ContainerRuntime
+from buildsvc.runtime.docker import ContainerPlan
 from buildsvc.store import SCHEMA_VERSION, SQLiteStore
 
 # The revisions table as schema version 1 created it (before images).

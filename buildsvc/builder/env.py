@@ -4,8 +4,8 @@ An env lives at ``<root>/envs/<key>`` and is usable once its completion marker e
 last). Builds of one key are serialised by an asyncio lock (this process) and an fcntl lock
 (other service processes). A failed build leaves nothing behind.
 
-Besides the app's requirements every env gets the *agent layer*: the runner's own dependencies
-pinned to the versions this service runs, and a ``.pth`` file pointing at
+Besides the app's requirements every env gets the *agent layer* (``builder.agentlayer``): the
+runner's own dependencies pinned to the versions this service runs, and a ``.pth`` file pointing at
 ``<root>/agentlib/<falcli version>/``, a directory of symlinks to our ``fal``, ``falcli`` and
 ``buildsvc`` packages. That makes ``python -m buildsvc.runtime.agent`` work inside the env
 without exposing the service's site-packages (and its secrets-bearing dependencies) to apps.
@@ -19,7 +19,6 @@ import errno
 import fcntl
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from buildsvc.builder.agentlayer import agent_pins, package_dirs
 from falcli.packaging.manifest import parse_blob_requirement
 
 __all__ = ["BuildError", "Env", "EnvBuilder", "UvRunner", "run_uv"]
@@ -38,11 +38,6 @@ __all__ = ["BuildError", "Env", "EnvBuilder", "UvRunner", "run_uv"]
 # Bump when the env layout changes so old envs are not reused.
 _LAYOUT_VERSION = 1
 _MARKER = ".fal-env-complete"
-# Distributions the runner agent itself imports (falcli.app / falcli.endpoints / the agent).
-# websockets: uvicorn needs it to accept upgrades for `@fal.endpoint(..., is_websocket=True)`.
-_AGENT_DISTS = ("cloudpickle", "pydantic", "starlette", "uvicorn", "uvloop", "httptools",
-                "websockets")
-_AGENT_PACKAGES = ("fal", "falcli", "buildsvc")
 # Only these variables reach uv (and the sdist build backends it runs, which execute user
 # code): never the service's environment wholesale, it may hold secrets.
 _UV_ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "XDG_CACHE_HOME", "SSL_CERT_FILE",
@@ -89,24 +84,6 @@ async def run_uv(argv: list[str], env: dict[str, str], log: LogFn) -> tuple[int,
     return await proc.wait(), "\n".join(lines)
 
 
-def _agent_pins() -> list[str]:
-    pins = []
-    for dist in _AGENT_DISTS:
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            pins.append(f"{dist}=={importlib.metadata.version(dist)}")
-    return pins
-
-
-def _package_dirs() -> dict[str, Path]:
-    """Where our importable packages live in this service (editable or installed)."""
-    dirs = {}
-    for name in _AGENT_PACKAGES:
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.submodule_search_locations:
-            dirs[name] = Path(next(iter(spec.submodule_search_locations))).resolve()
-    return dirs
-
-
 def _requirement_name(req: str) -> str:
     match = _REQ_NAME.match(req)
     return re.sub(r"[-_.]+", "-", match.group(1)).lower() if match else ""
@@ -125,7 +102,7 @@ class EnvBuilder:
         self._blob_path = blob_path
         self._uv = uv or _find_uv()
         self._run = runner
-        self._pins = _agent_pins()
+        self._pins = agent_pins()
         self._falcli_version = importlib.metadata.version("falcli")
         self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
                                                dict[str, asyncio.Lock]]
@@ -227,7 +204,7 @@ class EnvBuilder:
     def _agentlib(self) -> Path:
         """``<root>/agentlib/<version>/``: symlinks to our packages, created once, atomically."""
         lib = self._root / "agentlib" / self._falcli_version
-        dirs = _package_dirs()
+        dirs = package_dirs()
         if all((lib / n).resolve() == d for n, d in dirs.items()):
             return lib
         lib.mkdir(parents=True, exist_ok=True)

@@ -23,19 +23,18 @@ import asyncio
 import base64
 import functools
 import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from buildsvc.builder import dockerfile as df
+from buildsvc.builder.agentlayer import AGENT_DISTS, agent_pins, package_dirs
 from buildsvc.runtime.gpus import is_gpu_machine_type
 from falcli.packaging.manifest import parse_blob_requirement
 
@@ -46,8 +45,6 @@ DEFAULT_CPU_BASE = "fal-base-cpu:bookworm"
 DEFAULT_GPU_BASE = "fal-base-gpu:bookworm"
 _LAYOUT_VERSION = 1
 _REPO = "fal-app"
-_AGENT_DISTS = ("cloudpickle", "pydantic", "starlette", "uvicorn", "uvloop", "httptools")
-_AGENT_PACKAGES = ("fal", "falcli", "buildsvc")
 _CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 _DOCKER_CLI = "/usr/bin/docker"  # Debian's client: BuildKit built in, no buildx needed
 _TAIL = 60
@@ -95,8 +92,8 @@ class ImageBuilder:
         self._bases = {"cpu": cpu_base, "gpu": gpu_base}
         self._cli = docker_cli
         self._ca = ca_bundle
-        self._pins = [f"{d}=={importlib.metadata.version(d)}" for d in _installed(_AGENT_DISTS)]
-        self._agent_digest = _tree_digest(_package_dirs())
+        self._pins = agent_pins(AGENT_DISTS)
+        self._agent_digest = _tree_digest(package_dirs())
         self._locks: dict[str, asyncio.Lock] = {}
         self.build_calls: list[str] = []  # tags passed to a builder, in order (for tests/ops)
 
@@ -161,7 +158,7 @@ class ImageBuilder:
         _mkdir(ours)
         shutil.copyfile(self._ca, ours / "ca.crt")
         (ours / "agent-requirements.txt").write_text("\n".join(self._pins) + "\n")
-        for name, source in _package_dirs().items():
+        for name, source in package_dirs().items():
             shutil.copytree(source, ours / "agentlib" / name,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         _link(self._blob(manifest["payload"], "payload"), ours / "payload")
@@ -387,24 +384,6 @@ def _hashed_image(manifest: Mapping[str, Any]) -> dict[str, Any] | None:
 def _is_fal(req: str) -> bool:
     match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*($|[<>=!~;\[ ])", req)
     return match is not None and match.group(1).lower() == "fal"
-
-
-def _installed(dists: Iterable[str]) -> Iterator[str]:
-    for dist in dists:
-        try:
-            importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        yield dist
-
-
-def _package_dirs() -> dict[str, Path]:
-    dirs = {}
-    for name in _AGENT_PACKAGES:
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.submodule_search_locations:
-            dirs[name] = Path(next(iter(spec.submodule_search_locations))).resolve()
-    return dirs
 
 
 def _tree_digest(dirs: Mapping[str, Path]) -> str:

@@ -17,9 +17,7 @@ runner is spawned directly instead: the zygote only ever makes starts faster, ne
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -27,21 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from buildsvc.runtime.base import (
-    RunnerEvents,
-    RunnerHandle,
-    RunnerSpec,
-    RunnerStartError,
-    RunnerState,
+from buildsvc.runtime.base import RunnerEvents, RunnerHandle, RunnerSpec, RunnerStartError
+from buildsvc.runtime.lifecycle import (
+    LINE_LIMIT,
+    RunnerBook,
+    TrackedRunner,
+    consume_exception,
+    open_pipe,
+    read_control,
 )
-from buildsvc.runtime.zygote import Zygote, ZygoteUnavailable
+from buildsvc.runtime.zygote_client import Zygote, ZygoteUnavailable
 
 __all__ = ["LocalBackend"]
 
 # The only variables of the service's environment a runner inherits.
 _PASSTHROUGH = ("PATH", "HOME", "LANG", "TMPDIR")
-_STDERR_TAIL = 40
-_LINE_LIMIT = 1 << 20
 _DRAIN_S = 1.0  # how long to wait for log pipes after exit (a child may hold them open)
 _EXIT_CODES_KEPT = 1024
 # Variables read only when an interpreter starts (a forked runner would silently ignore
@@ -63,31 +61,19 @@ class _Process(Protocol):
     async def wait(self) -> int: ...
 
 
-@dataclass(eq=False)
-class _Runner:
-    spec: RunnerSpec
-    events: RunnerEvents
+@dataclass(eq=False, kw_only=True)
+class _Runner(TrackedRunner):
     proc: _Process
     lifeline: int  # our write end; closing it tells the agent we are gone
-    ready: asyncio.Future[int]
-    state: RunnerState = RunnerState.PENDING
-    stopping: bool = False
-    stderr_tail: collections.deque[str] = field(
-        default_factory=lambda: collections.deque(maxlen=_STDERR_TAIL))
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    exited: asyncio.Task[int] | None = None
-    stop_task: asyncio.Task[None] | None = None
-
-    def tail(self) -> str:
-        return "\n".join(self.stderr_tail)
 
 
-class LocalBackend:
-    """RuntimeBackend that runs runners as local processes."""
+class LocalBackend(RunnerBook[_Runner]):
+    """RuntimeBackend that runs runners as local processes. ``stop`` signals the whole
+    process group; ``wait`` gives the exit code (negative: killed by that signal)."""
 
     def __init__(self, use_zygote: bool = True) -> None:
-        self._runners: dict[str, _Runner] = {}
-        self._exit_codes: collections.OrderedDict[str, int] = collections.OrderedDict()
+        super().__init__(exit_codes_kept=_EXIT_CODES_KEPT)
         self._use_zygote = use_zygote and os.environ.get("FAL_NO_ZYGOTE") != "1"
         self._zygotes: dict[Path, asyncio.Task[Zygote]] = {}
         self._no_zygote: set[Path] = set()  # envs whose runners are spawned directly
@@ -96,36 +82,8 @@ class LocalBackend:
     async def start(self, spec: RunnerSpec, events: RunnerEvents) -> RunnerHandle:
         """Spawn a runner; return once it is IDLE, or kill it and raise RunnerStartError."""
         runner = await self._spawn(spec, events)
-        try:
-            port = await asyncio.wait_for(asyncio.shield(runner.ready), spec.startup_timeout)
-        except TimeoutError:
-            await self._kill(runner)
-            raise RunnerStartError(
-                spec.runner_id, f"not ready within startup_timeout = {spec.startup_timeout:g} "
-                "seconds; make setup() faster or raise startup_timeout", runner.tail()) from None
-        except BaseException:
-            await self._kill(runner)
-            raise
+        port = await self._until_ready(runner)
         return RunnerHandle(spec.runner_id, f"http://127.0.0.1:{port}", runner.proc.pid)
-
-    async def stop(self, handle: RunnerHandle, grace_period: float | None = None) -> None:
-        """SIGTERM, wait up to the grace period, then SIGKILL the whole group. Idempotent."""
-        runner = self._runners.get(handle.runner_id)
-        if runner is None:
-            return
-        grace = runner.spec.grace_period if grace_period is None else grace_period
-        if runner.stop_task is None:
-            runner.stop_task = asyncio.create_task(self._terminate(runner, grace))
-        await asyncio.shield(runner.stop_task)
-
-    async def wait(self, handle: RunnerHandle) -> int:
-        """Wait for the runner to exit; its exit code (negative: killed by that signal)."""
-        runner = self._runners.get(handle.runner_id)
-        if runner is not None and runner.exited is not None:
-            return await asyncio.shield(runner.exited)
-        if handle.runner_id in self._exit_codes:
-            return self._exit_codes[handle.runner_id]
-        raise KeyError(f"runner {handle.runner_id!r} was not started by this backend")
 
     async def prewarm(self, python: Path) -> None:
         """Start the zygote of the env whose interpreter is ``python`` now, so that even the
@@ -222,7 +180,7 @@ class LocalBackend:
                 cwd=spec.workdir, env=env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, pass_fds=(control_w, lifeline_r),
-                start_new_session=True, limit=_LINE_LIMIT)
+                start_new_session=True, limit=LINE_LIMIT)
         except OSError as exc:
             for fd in (control_r, lifeline_w):
                 os.close(fd)
@@ -238,10 +196,10 @@ class LocalBackend:
     def _track(self, spec: RunnerSpec, events: RunnerEvents, proc: _Process, control_r: int,
                lifeline_w: int, outputs: tuple[_Output, _Output]) -> _Runner:
         loop = asyncio.get_running_loop()
-        runner = _Runner(spec, events, proc, lifeline_w, loop.create_future())
-        runner.ready.add_done_callback(_consume_exception)
+        runner = _Runner(spec, events, loop.create_future(), proc=proc, lifeline=lifeline_w)
+        runner.ready.add_done_callback(consume_exception)
         runner.tasks = [
-            asyncio.create_task(self._read_control(runner, control_r)),
+            asyncio.create_task(read_control(runner, control_r)),
             asyncio.create_task(_pump(runner, outputs[0], "stdout")),
             asyncio.create_task(_pump(runner, outputs[1], "stderr")),
         ]
@@ -249,65 +207,20 @@ class LocalBackend:
         self._runners[spec.runner_id] = runner
         return runner
 
-    async def _read_control(self, runner: _Runner, fd: int) -> None:
-        reader, transport = await _open_pipe(fd)
-        try:
-            async for raw in reader:
-                self._on_control(runner, raw)
-        finally:
-            transport.close()
-
-    def _on_control(self, runner: _Runner, raw: bytes) -> None:
-        try:
-            message = json.loads(raw)
-            state = RunnerState(message["state"])
-        except (ValueError, KeyError, TypeError):
-            runner.stderr_tail.append(f"[agent] bad control message: {raw[:200]!r}")
-            return
-        runner.state = state
-        detail = str(message.get("error", ""))
-        runner.events.on_state(runner.spec.runner_id, state, detail)
-        if runner.ready.done():
-            return
-        if state is RunnerState.IDLE:
-            runner.ready.set_result(int(message["port"]))
-        elif state is RunnerState.FAILED:
-            runner.ready.set_exception(RunnerStartError(
-                runner.spec.runner_id, "the app failed during startup (see its traceback)",
-                detail or runner.tail()))
-
     async def _watch_exit(self, runner: _Runner) -> int:
         code = await runner.proc.wait()
         _killpg(runner.proc.pid, signal.SIGKILL)  # children the app left behind
         await asyncio.wait(runner.tasks, timeout=_DRAIN_S)
         os.close(runner.lifeline)
-        self._on_exit(runner, code)
+        self._record_exit(runner, code)
+        self._runners.pop(runner.spec.runner_id, None)
         return code
 
-    def _on_exit(self, runner: _Runner, code: int) -> None:
-        rid = runner.spec.runner_id
-        if not runner.ready.done():
-            runner.ready.set_exception(RunnerStartError(
-                rid, f"the runner exited with code {code} before it was ready", runner.tail()))
-        elif runner.state not in (RunnerState.TERMINATED, RunnerState.FAILED):
-            state = RunnerState.TERMINATED if runner.stopping else RunnerState.FAILED
-            detail = f"exited with code {code}" + (f"; last stderr:\n{runner.tail()}"
-                                                   if state is RunnerState.FAILED else "")
-            runner.state = state
-            runner.events.on_state(rid, state, detail)
-        self._runners.pop(rid, None)
-        self._exit_codes[rid] = code
-        while len(self._exit_codes) > _EXIT_CODES_KEPT:
-            self._exit_codes.popitem(last=False)
+    def _running(self, runner: _Runner) -> bool:
+        return runner.proc.returncode is None
 
-    async def _terminate(self, runner: _Runner, grace: float) -> None:
-        runner.stopping = True
-        assert runner.exited is not None
-        if runner.proc.returncode is None:
-            _killpg(runner.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(runner.exited), grace)
-        await self._kill(runner)
+    async def _sigterm(self, runner: _Runner) -> None:
+        _killpg(runner.proc.pid, signal.SIGTERM)
 
     async def _kill(self, runner: _Runner) -> None:
         runner.stopping = True
@@ -320,18 +233,11 @@ class LocalBackend:
 _Output = asyncio.StreamReader | int  # a spawned runner's pipe, or our end of a forked one's
 
 
-async def _open_pipe(fd: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
-    reader = asyncio.StreamReader(limit=_LINE_LIMIT)
-    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", 0))
-    return reader, transport
-
-
 async def _pump(runner: _Runner, output: _Output, name: str) -> None:
     if isinstance(output, asyncio.StreamReader):
         await _pump_lines(runner, output, name)
         return
-    stream, transport = await _open_pipe(output)
+    stream, transport = await open_pipe(output)
     try:
         await _pump_lines(runner, stream, name)
     finally:
@@ -347,10 +253,7 @@ async def _pump_lines(runner: _Runner, stream: asyncio.StreamReader, name: str) 
             continue
         if not raw:
             return
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if name == "stderr":
-            runner.stderr_tail.append(line)
-        runner.events.on_log(runner.spec.runner_id, name, line)
+        runner.log(name, raw.decode("utf-8", "replace").rstrip("\r\n"))
 
 
 def _base_env(python: Path) -> dict[str, str]:
@@ -401,9 +304,3 @@ def _runner_env(spec: RunnerSpec) -> dict[str, str]:
 def _killpg(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-
-
-def _consume_exception(future: asyncio.Future[int]) -> None:
-    # start() re-raises it; this only keeps asyncio from warning when nobody awaited.
-    if not future.cancelled():
-        future.exception()
