@@ -14,11 +14,11 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
+from buildsvc import sqlite
 from buildsvc.records import AppRecord, KeyRecord, RevisionRecord, RunnerRecord
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "Store", "StoreError", "new_revision_id"]
@@ -100,43 +100,19 @@ class SQLiteStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
+        self._db = sqlite.connect(self.path, _SCHEMA, self._lock)
         self._cache: dict[_AppKey, _Resolved | None] = {}
-        self._init_schema()
-
-    def _init_schema(self) -> None:
-        self._db.execute("PRAGMA busy_timeout = 5000")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable across crashes
-        with self._lock:
-            self._db.executescript(_SCHEMA)  # idempotent DDL; executescript commits by itself
-        with self._write() as db:
-            row = db.execute("SELECT version FROM schema_version").fetchone()
-            if row is None:
-                db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-                return
-            version = _migrate(db, row[0])
+        with self._write() as db:  # a file we cannot use is rolled back, not half-migrated
+            version = sqlite.ensure_version(db, SCHEMA_VERSION, _MIGRATIONS)
             if version != SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path}: schema version {version}, this service knows "
                     f"{SCHEMA_VERSION}; upgrade the service or start with a fresh --data-dir"
                 )
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
         """A ``BEGIN IMMEDIATE`` transaction: takes the write lock up front, never mid-way."""
-        with self._lock:
-            if self._db.in_transaction:  # nested call inside an open transaction
-                yield self._db
-                return
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        return sqlite.immediate(self._db, self._lock)
 
     def _query(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -165,10 +141,8 @@ class SQLiteStore:
         return (_key(rows[0]), rows[0]["hash"]) if rows else None
 
     def list_keys(self, owner: str | None = None) -> list[KeyRecord]:
-        if owner is None:
-            rows = self._query("SELECT * FROM keys ORDER BY created_at")
-        else:
-            rows = self._query("SELECT * FROM keys WHERE owner = ? ORDER BY created_at", (owner,))
+        where, args = _filters(owner=owner)
+        rows = self._query(f"SELECT * FROM keys {where} ORDER BY created_at", args)
         return [_key(row) for row in rows]
 
     def revoke_key(self, key_id: str) -> bool:
@@ -186,10 +160,8 @@ class SQLiteStore:
         return _app(rows[0]) if rows else None
 
     def list_apps(self, owner: str | None = None) -> list[AppRecord]:
-        if owner is None:
-            rows = self._query("SELECT * FROM apps ORDER BY owner, name")
-        else:
-            rows = self._query("SELECT * FROM apps WHERE owner = ? ORDER BY name", (owner,))
+        where, args = _filters(owner=owner)  # one owner: ordered by name, as before
+        rows = self._query(f"SELECT * FROM apps {where} ORDER BY owner, name", args)
         return [_app(row) for row in rows]
 
     def put_app(self, app: AppRecord) -> None:
@@ -273,16 +245,6 @@ class SQLiteStore:
             f"SELECT * FROM runners {clauses} ORDER BY started_at DESC LIMIT ?", (*args, limit)
         )
         return [RunnerRecord(**dict(row)) for row in rows]
-
-
-def _migrate(db: sqlite3.Connection, version: int) -> int:
-    """Upgrade an older database in place (inside the caller's transaction); keeps its data."""
-    while version in _MIGRATIONS:
-        for statement in _MIGRATIONS[version]:
-            db.execute(statement)
-        version += 1
-        db.execute("UPDATE schema_version SET version = ?", (version,))
-    return version
 
 
 def _filters(**values: str | None) -> tuple[str, tuple[str, ...]]:

@@ -13,32 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from runner_helpers import control, read_body, serve, watch_lifeline
+
 _ACTIVE = {"now": 0, "max": 0}
-
-
-def _control(state: str, **fields: Any) -> None:
-    os.write(
-        int(os.environ["FAL_AGENT_CONTROL_FD"]),
-        (json.dumps({"state": state, **fields}) + "\n").encode(),
-    )
-
-
-def _watch_lifeline() -> None:
-    fd = int(os.environ["FAL_AGENT_LIFELINE_FD"])
-
-    def watch() -> None:
-        while os.read(fd, 64):
-            pass
-        os._exit(9)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 async def _json(send: Any, payload: Any, status: int = 200, headers: tuple = ()) -> None:
@@ -52,15 +34,6 @@ async def _json(send: Any, payload: Any, status: int = 200, headers: tuple = ())
         }
     )
     await send({"type": "http.response.body", "body": body})
-
-
-async def _read_body(receive: Any) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
 
 
 async def _sleep(scope: Any, send: Any) -> None:
@@ -113,7 +86,7 @@ def _query(scope: Any) -> list[tuple[str, str]]:
 
 async def _http(scope: Any, receive: Any, send: Any) -> None:
     path = scope["path"]
-    body = await _read_body(receive)
+    body = await read_body(receive)
     headers = {k.decode(): v.decode() for k, v in scope["headers"]}
     if path == "/health":
         await _json(send, {"version": "test"})
@@ -167,33 +140,9 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
         await _websocket(scope, receive, send)
 
 
-async def _serve() -> None:
-    import uvicorn
-
-    sock = socket.socket()
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        app,
-        lifespan="off",
-        log_level="warning",
-        access_log=False,
-        ws="websockets-sansio",
-        http="httptools",
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            return
-        await asyncio.sleep(0.005)
-    _control("IDLE", port=sock.getsockname()[1])
-    await task
-
-
 def main() -> None:
-    _watch_lifeline()
-    _control("SETUP")
+    watch_lifeline()
+    control("SETUP")
     behavior = json.loads(Path("behavior.json").read_text())
     time.sleep(behavior.get("setup_delay", 0))
     if behavior.get("fail_setup"):
@@ -204,10 +153,10 @@ def main() -> None:
 
             error = traceback.format_exc()
         sys.stderr.write(error)
-        _control("FAILED", error=error)
+        control("FAILED", error=error)
         sys.exit(1)
     print("runner setup done", flush=True)
-    asyncio.run(_serve())
+    asyncio.run(serve(app, ws="websockets-sansio"))
 
 
 if __name__ == "__main__":

@@ -9,20 +9,15 @@ commits a revision whose runners are real processes running ``tests/queue_runner
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import datetime
-import ipaddress
 import json
-import socket
-import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvicorn
+import stack_helpers
+from stack_helpers import commit_stand_in, self_signed, serve_asgi
 
 from buildsvc.auth import Keyring
 from buildsvc.config import ServerConfig
@@ -30,10 +25,10 @@ from buildsvc.fleet import Fleet
 from buildsvc.gateway.proxy import Gateway
 from buildsvc.logs import LogHub
 from buildsvc.queue import PREFIX, Queue, QueueSettings, open_queue
-from buildsvc.records import AppRecord, RevisionRecord
+from buildsvc.records import RevisionRecord
 from buildsvc.runtime.gpus import GpuAllocator
 from buildsvc.runtime.local import LocalBackend
-from buildsvc.store import SQLiteStore, new_revision_id
+from buildsvc.store import SQLiteStore
 
 __all__ = ["OWNER", "QStack", "calls", "queue_stack", "self_signed", "wait_for"]
 
@@ -44,14 +39,6 @@ _OPTIONS = {
     "request_timeout": 60, "startup_timeout": 30, "termination_grace_period_seconds": 1,
     "num_gpus": 0, "skip_retry_conditions": [],
 }  # fmt: skip
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without signal handlers: the test process keeps its own."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @dataclass
@@ -78,21 +65,8 @@ class QStack:
 
 def deploy(store: SQLiteStore, data: Path, name: str, *, auth: str = "public",
            **options: Any) -> RevisionRecord:  # fmt: skip
-    rev_id = new_revision_id()
-    workdir = data / "apps" / name / rev_id
-    workdir.mkdir(parents=True)
-    python = workdir / "python"
-    python.write_text(f"#!/bin/sh\nexec {sys.executable} {_RUNNER}\n")
-    python.chmod(0o755)
-    (workdir / "payload.pkl").write_bytes(b"unused")
-    manifest = {"kind": "app", "app_name": name, "options": {**_OPTIONS, **options}}
-    revision = RevisionRecord(
-        id=rev_id, owner=OWNER, app=name, bundle_hash="0" * 64, manifest=manifest,
-        env_key="test", python=str(python), workdir=str(workdir),
-        payload=str(workdir / "payload.pkl"),
-    )  # fmt: skip
-    store.commit_revision(AppRecord(OWNER, name, auth, False, None), revision)
-    return revision
+    options = {**_OPTIONS, **options}
+    return commit_stand_in(store, data, OWNER, name, _RUNNER, options, auth=auth)[1]
 
 
 def calls(store: SQLiteStore, name: str) -> list[list[str]]:
@@ -133,23 +107,11 @@ async def queue_stack(
         session=gateway.session, settings=QueueSettings(lease_seconds=lease_seconds),
         webhook_base_delay=0.05,
     )  # fmt: skip
-    sock = socket.socket()
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    server = _QuietServer(uvicorn.Config(
-        _router(queue, gateway), lifespan="off", log_level="warning", access_log=False,
-        http="httptools", ssl_certfile=tls[0] if tls else None,
-        ssl_keyfile=tls[1] if tls else None,
-    ))  # fmt: skip
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    await wait_for(lambda: server.started, what="the service to listen")
-    url = f"{'https' if tls else 'http'}://127.0.0.1:{sock.getsockname()[1]}"
     try:
-        yield QStack(data, store, keyring, logs, fleet, gateway, queue, url)
+        async with serve_asgi(_router(queue, gateway), port=port, tls=tls,
+                              what="the service") as url:  # fmt: skip
+            yield QStack(data, store, keyring, logs, fleet, gateway, queue, url)
     finally:
-        server.should_exit = True
-        await task
         await queue.close()
         await gateway.close()
         await fleet.close()
@@ -161,47 +123,7 @@ async def wait_for(
     condition: Callable[[], Any | Awaitable[Any]], timeout: float = 20.0, what: str = ""
 ) -> Any:
     """Poll ``condition`` until truthy and return it; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        await asyncio.sleep(0.02)
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    """A certificate + key for 127.0.0.1 / localhost, valid for a day."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    san = x509.SubjectAlternativeName(
-        [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-    )
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(san, critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ))  # fmt: skip
-    return cert_path, key_path
+    return await stack_helpers.wait_for(condition, timeout, what)
 
 
 def dump(data: Any) -> str:

@@ -12,27 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import threading
 import time
 from typing import Any
 from urllib.parse import parse_qsl
 
-
-def _control(state: str, **fields: Any) -> None:
-    line = json.dumps({"state": state, **fields}) + "\n"
-    os.write(int(os.environ["FAL_AGENT_CONTROL_FD"]), line.encode())
-
-
-def _watch_lifeline() -> None:
-    fd = int(os.environ["FAL_AGENT_LIFELINE_FD"])
-
-    def watch() -> None:
-        while os.read(fd, 64):
-            pass
-        os._exit(9)  # the service is gone: so are we
-
-    threading.Thread(target=watch, daemon=True).start()
+from runner_helpers import control, read_body, serve, watch_lifeline
 
 
 async def _reply(send: Any, payload: Any, status: int = 200, headers: tuple = ()) -> None:
@@ -41,20 +25,11 @@ async def _reply(send: Any, payload: Any, status: int = 200, headers: tuple = ()
     await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
 
 
-async def _body(receive: Any) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
 async def app(scope: Any, receive: Any, send: Any) -> None:
     if scope["type"] != "http":
         return
     received = time.time()
-    body = await _body(receive)
+    body = await read_body(receive)
     headers = {k.decode(): v.decode() for k, v in scope["headers"]}
     rid, path = headers.get("x-fal-request-id", "-"), scope["path"]
     query = dict(parse_qsl(scope.get("query_string", b"").decode()))
@@ -84,25 +59,7 @@ async def app(scope: Any, receive: Any, send: Any) -> None:
         await _reply(send, {"detail": f"Path {path} not found"}, 404)
 
 
-async def _serve() -> None:
-    import uvicorn
-
-    sock = socket.socket()
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False,
-                            http="httptools")  # fmt: skip
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        if task.done():
-            return
-        await asyncio.sleep(0.005)
-    _control("IDLE", port=sock.getsockname()[1])
-    await task
-
-
 if __name__ == "__main__":
-    _watch_lifeline()
-    _control("SETUP")
-    asyncio.run(_serve())
+    watch_lifeline()
+    control("SETUP")
+    asyncio.run(serve(app))

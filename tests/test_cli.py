@@ -315,3 +315,31 @@ def test_deploy_shows_project_warnings_build_log_and_urls(
         "recreate",
         False,
     )
+
+
+def test_server_start_passes_the_limit_flags_to_the_service(
+    env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The service itself is not started: a real process that exits at once stands in for it,
+    # and the real service parser reads the argv the CLI built.
+    from buildsvc.__main__ import _parse
+    from falcli.cli import server
+
+    started: list[list[str]] = []
+    real_popen = subprocess.Popen
+
+    def popen(argv: list[str]) -> subprocess.Popen[bytes]:
+        started.append(argv)
+        return real_popen([sys.executable, "-c", "pass"])
+
+    monkeypatch.setattr(server.subprocess, "Popen", popen)
+    limits = ["--max-body-bytes", "1024", "--header-timeout", "2.5", "--rate-limit", "7",
+              "--rate-burst", "3", "--max-queue-depth", "9"]  # fmt: skip
+    res = invoke(["server", "start", "--data-dir", str(tmp_path / "d"), *limits], env)
+    assert res.code == 0, res.stderr
+    assert started and started[0][1:3] == ["-m", "buildsvc"]
+    args = _parse(started[0][3:])
+    assert (args.max_body_bytes, args.header_timeout, args.rate_limit, args.rate_burst,
+            args.max_queue_depth) == (1024, 2.5, 7.0, 3, 9)  # fmt: skip
+    plain = invoke(["server", "start", "--data-dir", str(tmp_path / "e")], env)
+    assert plain.code == 0 and "--rate-limit" not in started[1]

@@ -13,13 +13,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from project_helpers import isolated_imports  # noqa: F401  (autouse: importing applies it)
 
 import falcli.packaging
 from falcli.errors import PackagingError
@@ -32,21 +31,6 @@ from falcli.project import resolve_target
 REPO = Path(__file__).resolve().parents[1]
 PROJECTS = Path(__file__).parent / "fixtures" / "projects"
 OLD = time.time() - 3600  # an mtime safely outside the hash cache's racy window
-
-
-@pytest.fixture(autouse=True)
-def _isolated_imports() -> Iterator[None]:
-    """User modules a test imports (fixtures share names) are forgotten after it; library
-    modules imported lazily meanwhile stay, so class identities hold across tests."""
-    path, modules = list(sys.path), set(sys.modules)
-    yield
-    sys.path[:] = path
-    user_dirs = (str(Path(__file__).parent / "fixtures"), tempfile.gettempdir())
-    for name in set(sys.modules) - modules:
-        module = sys.modules[name]
-        places = [getattr(module, "__file__", None) or "", *getattr(module, "__path__", [])]
-        if any(str(p).startswith(user_dirs) for p in places):
-            del sys.modules[name]
 
 
 def _python(code: str, *, cwd: Path, env: dict[str, str] | None = None) -> str:

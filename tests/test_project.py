@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from project_helpers import isolated_imports  # noqa: F401  (autouse: importing applies it)
 
 import falcli.project
 from falcli.errors import ConfigError, OptionError
@@ -20,21 +19,6 @@ from falcli.project import AppConfig, find_project, load_project, resolve_target
 
 PROJECTS = Path(__file__).parent / "fixtures" / "projects"
 BROKEN = PROJECTS / "broken"
-
-
-@pytest.fixture(autouse=True)
-def _isolated_imports() -> Iterator[None]:
-    """User modules a test imports (fixtures share names) are forgotten after it; library
-    modules imported lazily meanwhile stay, so class identities hold across tests."""
-    path, modules = list(sys.path), set(sys.modules)
-    yield
-    sys.path[:] = path
-    user_dirs = (str(Path(__file__).parent / "fixtures"), tempfile.gettempdir())
-    for name in set(sys.modules) - modules:
-        module = sys.modules[name]
-        places = [getattr(module, "__file__", None) or "", *getattr(module, "__path__", [])]
-        if any(str(p).startswith(user_dirs) for p in places):
-            del sys.modules[name]
 
 
 def test_public_api_is_exactly_this() -> None:

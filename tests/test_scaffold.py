@@ -7,12 +7,10 @@ instance made the way a runner makes one (instantiate + setup).
 from __future__ import annotations
 
 import asyncio
-import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from project_helpers import isolated_imports  # noqa: F401  (autouse: importing applies it)
 
 import falcli.scaffold
 from falcli.app import call_hook, instantiate
@@ -20,21 +18,6 @@ from falcli.errors import ConfigError
 from falcli.packaging import package
 from falcli.project import load_project, resolve_target
 from falcli.scaffold import create_app, list_templates
-
-
-@pytest.fixture(autouse=True)
-def _isolated_imports() -> Iterator[None]:
-    """User modules a test imports (fixtures share names) are forgotten after it; library
-    modules imported lazily meanwhile stay, so class identities hold across tests."""
-    path, modules = list(sys.path), set(sys.modules)
-    yield
-    sys.path[:] = path
-    user_dirs = (str(Path(__file__).parent / "fixtures"), tempfile.gettempdir())
-    for name in set(sys.modules) - modules:
-        module = sys.modules[name]
-        places = [getattr(module, "__file__", None) or "", *getattr(module, "__path__", [])]
-        if any(str(p).startswith(user_dirs) for p in places):
-            del sys.modules[name]
 
 
 def _runner_instance(cls: type) -> object:

@@ -18,12 +18,14 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
+
+from buildsvc import sqlite
 
 __all__ = ["QueueStore", "QueuedRequest", "Result", "RowState", "SQLiteQueueStore"]
 
@@ -131,24 +133,10 @@ class SQLiteQueueStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA busy_timeout = 5000")
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL survives kill -9
-        with self._lock:
-            self._db.executescript(_SCHEMA)
+        self._db = sqlite.connect(self.path, _SCHEMA, self._lock)
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return sqlite.immediate(self._db, self._lock)
 
     def _update(self, sql: str, args: tuple[Any, ...]) -> bool:
         with self._lock:

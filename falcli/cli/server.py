@@ -37,6 +37,21 @@ def start(
         "local", "--runtime", help="runners as 'local' processes or 'docker' containers"
     ),
     registry: str | None = typer.Option(None, "--registry", help="push built images there"),
+    max_body_bytes: int | None = typer.Option(
+        None, "--max-body-bytes", help="largest request body, sync or queued (413 above)"
+    ),
+    header_timeout: float | None = typer.Option(
+        None, "--header-timeout", help="seconds a client has to send a request's headers"
+    ),
+    rate_limit: float | None = typer.Option(
+        None, "--rate-limit", help="requests per second per key or client address (0: off)"
+    ),
+    rate_burst: int | None = typer.Option(
+        None, "--rate-burst", help="requests a caller may send at once before --rate-limit"
+    ),
+    max_queue_depth: int | None = typer.Option(
+        None, "--max-queue-depth", help="unfinished queued requests per app (429 above; 0: no cap)"
+    ),
 ) -> None:
     """Run the server in the foreground until Ctrl-C."""
     if (tls_cert is None) != (tls_key is None):
@@ -62,12 +77,24 @@ def start(
         emulate_gpus=emulate_gpus,
     )
     argv += ["--runtime", runtime] + (["--registry", registry] if registry else [])
+    argv += _limit_args(max_body_bytes=max_body_bytes, header_timeout=header_timeout,
+                        rate_limit=rate_limit, rate_burst=rate_burst,
+                        max_queue_depth=max_queue_depth)  # fmt: skip
     proc = subprocess.Popen(argv)  # same process group: the terminal's Ctrl-C reaches it
     try:
         code = _serve(proc, ready, record_in=home if data_dir == default_dir else None)
     except KeyboardInterrupt:
         code = _wait_or_kill(proc)
     raise typer.Exit(code)
+
+
+def _limit_args(**limits: float | None) -> list[str]:
+    """The service's limit flags that were given; the others keep the service's defaults."""
+    argv: list[str] = []
+    for name, value in limits.items():
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
 
 
 def _serve(proc: subprocess.Popen[bytes], ready: Path, record_in: Path | None) -> int:
