@@ -356,6 +356,10 @@ class Fleet:
         """Make ``revision`` the serving one; drain the runners of other revisions."""
         pool.revision = revision
         old = [r for r in pool.runners.values() if r.info.revision != revision.id]
+        adopted = [r for r in old if r.stop_task is None and self._runs_same_code(r, revision)]
+        for r in adopted:  # an unchanged redeploy: warm runners stay warm
+            r.info.revision = revision.id
+        old = [r for r in old if r not in adopted]
         for r in old:
             if r.stop_task is None and (strategy == "recreate" or r.info.in_flight == 0):
                 self._request_stop(r)
@@ -363,6 +367,12 @@ class Fleet:
                 self._book.set_state(r, RunnerState.DRAINING, "a new revision serves traffic")
         self._scale_up(pool)
         return old
+
+    def _runs_same_code(self, runner: _Runner, revision: RevisionRecord) -> bool:
+        """Whether ``runner`` already runs exactly what ``revision`` would start: the same
+        bundle (code and options), environment or image, files and payload."""
+        current = self._store.get_revision(runner.info.revision)
+        return current is not None and _runtime_of(current) == _runtime_of(revision)
 
     def _close_pool(self, pool: Pool) -> None:
         pool.closed = True
@@ -559,3 +569,8 @@ class Fleet:
         if now >= pool.retry_at:  # an app whose setup keeps failing is not restarted in a loop
             for _ in range(decision.start):
                 self._spawn(pool, pool.revision)
+
+
+def _runtime_of(revision: RevisionRecord) -> tuple[str, ...]:
+    return (revision.bundle_hash, revision.env_key, revision.image, revision.python,
+            revision.workdir, revision.payload)  # fmt: skip

@@ -63,6 +63,34 @@ def test_unchanged_redeploy_is_a_fast_second_revision(
     assert elapsed < 0.5, f"an unchanged redeploy took {elapsed:.3f}s"
 
 
+def test_unchanged_redeploy_keeps_warm_runners_and_a_change_replaces_them(
+    module_service: ServiceProcess, tmp_path: Path
+) -> None:
+    import httpx
+
+    def runners(client: httpx.Client) -> list[dict[str, Any]]:
+        found = client.get("/v1/runners", params={"app": "warm"}).json()["runners"]
+        return [r for r in found if r["state"] not in ("TERMINATED", "FAILED")]
+
+    same = make_bundle(tmp_dir=tmp_path, app_name="warm", options={"keep_alive": 300})
+    changed = make_bundle(tmp_dir=tmp_path, app_name="warm", options={"keep_alive": 301})
+    with module_service.client() as client:
+        list(deploy(client, same, auth="public", strategy="recreate"))
+        url = f"{module_service.url}/root/warm"
+        assert httpx.post(url, json={"text": "a"}, timeout=60).status_code == 200
+        (before,) = runners(client)
+        second = list(deploy(client, same, auth="public", strategy="recreate"))[-1]
+        (after,) = runners(client)
+        assert after["pid"] == before["pid"], "an unchanged redeploy keeps the warm runner"
+        assert after["revision"] == second["revision"]["id"]
+        assert httpx.post(url, json={"text": "b"}, timeout=60).json() == {"text": "echo: b"}
+        upload(client, changed.blobs)
+        list(deploy(client, changed, auth="public", strategy="recreate"))
+        wait_until(lambda: not _alive(before["pid"]), 20, "the old runner to stop")
+        assert httpx.post(url, json={"text": "c"}, timeout=60).status_code == 200
+        assert [r["pid"] for r in runners(client)] != [before["pid"]]
+
+
 def test_unresolvable_requirement_fails_the_build_and_creates_nothing(
     module_service: ServiceProcess, tmp_path: Path
 ) -> None:
