@@ -84,7 +84,9 @@ def run_cli(argv: list[str] | None = None, *, transport: httpx.BaseTransport | N
 
 def main() -> None:
     """Console script entry point: the only place the process exits."""
-    # httpcore imports trio when it is installed (~200 ms) although the CLI never uses it;
-    # an entry of None in sys.modules makes that optional import fail fast instead.
-    sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
+    # Optional imports of our libraries that the CLI never uses: httpcore imports trio when
+    # it is installed (~200 ms) and httpx its own command line, with click and rich (~50 ms).
+    # An entry of None in sys.modules makes such an optional import fail fast instead.
+    for unused in ("trio", "httpx._main"):
+        sys.modules.setdefault(unused, None)  # type: ignore[arg-type]
     sys.exit(run_cli())
