@@ -147,7 +147,7 @@ def _measure(repeat: int, work: Path, svc: dict[str, str]) -> list[tuple[str, li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement")
+    parser.add_argument("--repeat", type=int, default=7, help="runs per measurement")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fal-bench-") as tmp:
         rows = measure(args.repeat, Path(tmp))

@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             ssl_certfile=config.tls_cert,
             ssl_keyfile=config.tls_key,
             access_log=False,
+            proxy_headers=False,  # no trusted proxy in front by default; saves a middleware hop
             log_level=args.log_level,
             timeout_graceful_shutdown=_GRACEFUL_S,
             log_config=None,

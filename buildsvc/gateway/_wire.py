@@ -7,7 +7,7 @@ the ``x-fal-error-type`` header, and ``x-fal-request-id`` on every response.
 from __future__ import annotations
 
 import json
-import uuid
+import os
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -59,11 +59,12 @@ class Refused(Exception):
 
 
 def request_id(headers: dict[bytes, bytes]) -> str:
-    """The caller's ``x-fal-request-id`` if it sent a sane one, else a fresh uuid4 hex."""
+    """The caller's ``x-fal-request-id`` if it sent a sane one, else 128 random bits in hex
+    (``os.urandom``: a fifth of ``uuid.uuid4()``'s cost on this hot path)."""
     given = headers.get(b"x-fal-request-id")
     if given and len(given) <= 128 and given.isascii():
         return given.decode("ascii")
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def upstream_request_headers(
