@@ -4,7 +4,8 @@
 # Quiet on success (FAL_SETUP_VERBOSE=1 tells each step); on failure it says which step
 # failed and why on stderr, and exits non-zero.
 #
-#   1. install Debian's docker.io (+ debootstrap) when dockerd is missing
+#   1. install Debian's docker.io (+ debootstrap) when dockerd is missing, and its
+#      docker-registry (the tests push to a local one; never started here)
 #   2. start `dockerd --iptables=false --bridge=none` in the background when no engine answers
 #      (this network has no bridge/NAT: builds and containers use the host network)
 #   3. build the base images OFFLINE (images cannot be pulled here): debootstrap a minimal
@@ -33,6 +34,7 @@ install_packages() {
     local missing=()
     [ -x /usr/sbin/dockerd ] || missing+=(docker.io)
     command -v debootstrap >/dev/null || missing+=(debootstrap)
+    [ -x /usr/bin/docker-registry ] || missing+=(docker-registry)
     [ ${#missing[@]} -eq 0 ] && return 0
     log "installing ${missing[*]} from Debian"
     as_root apt-get update -qq >/dev/null \

@@ -81,7 +81,7 @@ class ContainerRuntime:
         built = await self._builder.ensure(manifest, no_cache=no_cache, log=log)
         log(f"image {built.tag} " + ("built" if built.built else "is up to date: no build"))
         if self._registry:
-            await asyncio.to_thread(self._push, built.tag, log)
+            await self._push(built.tag, log)
         return built.tag
 
     def plan_for(self, spec: RunnerSpec) -> ContainerPlan:
@@ -120,23 +120,40 @@ class ContainerRuntime:
         if self._client is not None:
             self._client.close()
 
-    def _push(self, tag: str, log: Callable[[str], None]) -> None:
-        assert self._client is not None
+    async def _push(self, tag: str, log: Callable[[str], None]) -> None:
+        """Push ``tag`` as ``<registry>/<tag>``; a failed push fails the deploy, since other
+        machines could not pull the image. ``log`` runs on the event loop's thread only."""
         target = f"{self._registry}/{tag}"
-        repository, _, reference = target.rpartition(":")
-        self._client.images.get(tag).tag(repository, reference)
         log(f"pushing {target}")
-        try:
-            stream = self._client.api.push(repository, tag=reference, stream=True, decode=True)
-            errors = [str(chunk["error"]) for chunk in stream if "error" in chunk]
-        except Exception as exc:  # the engine refused before streaming (bad name, no auth)
-            errors = [str(exc)]
+        errors, digest = await asyncio.to_thread(self._push_blocking, tag, target)
         if errors:
             raise ImageBuildError(
-                f"pushing {target} failed: {errors[0]}; check that --registry {self._registry} "
-                "is reachable from the engine and that it is logged in there",
+                f"pushing {target} failed: {errors[0]}; the image is built but other machines "
+                f"could not pull it. Start the registry at {self._registry} or fix the "
+                f"server's --registry {self._registry}; the Docker engine must reach it (a "
+                "plain-http registry outside 127.0.0.0/8 must be in dockerd's "
+                "insecure-registries) and be logged in there (docker login) if it needs auth; "
+                "then deploy again",
                 step=f"push {target}", detail="\n".join(errors))
-        log(f"pushed {target}")
+        log(f"pushed {target}" + (f" ({digest})" if digest else ""))
+
+    def _push_blocking(self, tag: str, target: str) -> tuple[list[str], str]:
+        """The engine's push of ``target`` (tagged onto ``tag``): its errors and digest."""
+        assert self._client is not None
+        repository, _, reference = target.rpartition(":")
+        errors: list[str] = []
+        digest = ""
+        try:
+            self._client.images.get(tag).tag(repository, reference)
+            stream = self._client.api.push(repository, tag=reference, stream=True, decode=True)
+            for chunk in stream:
+                if "error" in chunk:
+                    errors.append(str(chunk["error"]).strip())
+                aux = chunk.get("aux")
+                digest = str(aux.get("Digest") or digest) if isinstance(aux, dict) else digest
+        except Exception as exc:  # the engine refused before streaming (bad name, no auth)
+            errors.append(str(exc))
+        return errors, digest
 
 
 def _command(image: Mapping[str, Any] | None) -> list[str] | None:

@@ -14,7 +14,8 @@ __all__ = ["BundleLike", "DeployEvent", "deploy_bundle", "upload_missing"]
 DeployEvent = dict[str, Any]
 
 _FIXES = {
-    "build_failed": "fix the requirement uv names above, then deploy again",
+    "build_failed": "fix what the build output above names (a requirement, a Dockerfile step, "
+    "the registry), then deploy again",
     "setup_failed": "fix the error in setup() shown above, then deploy again",
     "runner_failed": "fix the error in the app shown above, then deploy again",
     "invalid_manifest": "upgrade falcli and the service to matching versions",
