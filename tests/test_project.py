@@ -145,6 +145,17 @@ def test_an_app_whose_import_raises_shows_the_traceback_tail() -> None:
     assert "crash_app" not in sys.modules  # a failed import leaves nothing behind
 
 
+def test_an_option_refused_at_class_definition_is_one_clear_line(tmp_path: Path) -> None:
+    source = 'import fal\n\nclass Opt(fal.App):\n    keep_alive = "ten"\n'
+    (tmp_path / "opt_app.py").write_text(source)
+    with pytest.raises(ConfigError) as info:
+        resolve_target("opt_app.py::Opt", tmp_path)
+    assert str(info.value) == (
+        "ref 'opt_app.py::Opt': class Opt: option keep_alive = 'ten' is invalid: expected an "
+        f"integer number of seconds >= 0, e.g. keep_alive = 300 ({tmp_path}/opt_app.py:3)"
+    )
+
+
 def test_a_syntax_error_is_reported_with_its_line(tmp_path: Path) -> None:
     (tmp_path / "syntax_app.py").write_text("import fal\nclass Broken(fal.App)\n    pass\n")
     with pytest.raises(ConfigError, match=r"raised SyntaxError: expected ':'") as info:

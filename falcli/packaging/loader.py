@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from falcli.errors import ConfigError
+from falcli.errors import ConfigError, FalError
 from falcli.options import suggest
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 _TAIL_LINES = 20
+_FALCLI_DIR = str(Path(__file__).resolve().parents[1]) + "/"
 
 
 def ensure_on_path(*dirs: Path) -> None:
@@ -175,19 +176,28 @@ def _module_name(path: Path, root: Path) -> str:
 
 
 def _import_failed(where: str, what: str, exc: BaseException) -> ConfigError:
+    if isinstance(exc, FalError):  # the SDK refused the app at class definition: its message
+        at = _user_frames(exc)[-1:]  # already names the option, value and fix; add the line
+        place = f" ({at[0].filename}:{at[0].lineno})" if at else ""
+        return ConfigError(f"{where}: {exc}{place}")
     return ConfigError(
         f"{where}: importing {what} raised {type(exc).__name__}: {exc}. Fix the error "
         f"(traceback below) and retry:\n{traceback_tail(exc)}"
     )
 
 
-def traceback_tail(exc: BaseException) -> str:
-    """The traceback of ``exc`` without importlib's and falcli's own frames."""
-    frames = [
+def _user_frames(exc: BaseException) -> list[traceback.FrameSummary]:
+    """The frames of ``exc``'s traceback outside importlib and falcli itself."""
+    return [
         f
         for f in traceback.extract_tb(exc.__traceback__)
-        if not f.filename.startswith("<frozen") and f.filename != __file__
+        if not f.filename.startswith(("<frozen", _FALCLI_DIR))
     ]
+
+
+def traceback_tail(exc: BaseException) -> str:
+    """The traceback of ``exc`` without importlib's and falcli's own frames."""
+    frames = _user_frames(exc)
     lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
     text = "".join(["Traceback (most recent call last):\n", *lines]).rstrip("\n")
     return "\n".join(text.splitlines()[-_TAIL_LINES:])
