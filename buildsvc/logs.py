@@ -117,8 +117,12 @@ class LogHub:
     def recent(self, owner: str, app: str, limit: int = 1000) -> list[LogRecord]:
         """The last ``limit`` records of an app, oldest first (read back from disk if needed)."""
         with self._lock:
-            ring = self._ring((owner, app))
-            items = list(ring)
+            ring = self._rings.get((owner, app))
+            # An app with no records yet gets no ring here: callers name apps that may not
+            # exist (a log probe), and each ring kept for them would be memory held forever.
+            items = list(ring) if ring is not None else self._read_tail((owner, app))
+            if ring is None and items:
+                self._rings[(owner, app)] = deque(items, maxlen=self._ring_size)
         return items[-limit:] if limit > 0 else []
 
     async def follow(self, owner: str, app: str) -> AsyncIterator[LogRecord]:

@@ -224,7 +224,8 @@ class SQLiteStore:
             app = self.get_app(owner, name)
             rev = self.get_revision(app.current_revision) if app and app.current_revision else None
             resolved = (app, rev) if app else None
-            self._cache[key] = resolved
+            if resolved is not None:  # a miss is not kept: any caller can name any path
+                self._cache[key] = resolved
         return resolved
 
     # runner history

@@ -127,6 +127,7 @@ def write_config(home: Path, data: Mapping[str, Any]) -> None:
     path = config_path(home)
     tmp = path.with_suffix(".toml.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above applies only to a new file, not a leftover tmp
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(tomlkit.dumps(dict(data)))
     os.replace(tmp, path)

@@ -70,6 +70,7 @@ def test_setup_raising_fails_start_with_the_traceback(app_env: Env, tmp_path: Pa
         run(LocalBackend().start(spec, events))
     assert "Traceback" in info.value.detail
     assert "RuntimeError: setup exploded on purpose" in info.value.detail
+    assert "agent.py" not in info.value.detail and "falcli" not in info.value.detail
     assert events.state_names()[-1] == "FAILED"
 
 

@@ -6,6 +6,7 @@ handlers raise ``ApiError`` and never build error responses themselves.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,10 @@ __all__ = [
     "services",
     "target_owner",
 ]
+
+# A management body is a manifest or a short command; blob bytes go to /v1/blobs, which has
+# its own cap. Read no more than this into memory (100,000 manifest files are ~15 MB).
+_MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -100,14 +105,34 @@ def base_url(request: Request) -> str:
 
 
 async def json_object(request: Request) -> dict[str, Any]:
-    """The request body, which must be a JSON object."""
+    """The request body, which must be a JSON object of at most ``_MAX_JSON_BYTES``."""
+    raw = await _capped_body(request, _MAX_JSON_BYTES)
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except ValueError as exc:
         raise ApiError(400, f"request body is not JSON: {exc}", "invalid_request") from exc
     if not isinstance(body, dict):
         raise ApiError(400, "request body: expected a JSON object", "invalid_request")
     return body
+
+
+async def _capped_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it is (or declares to be) over ``limit``."""
+    too_large = ApiError(
+        413, f"request body over {limit} bytes: a management call carries JSON only; upload "
+        "file contents to /v1/blobs", "too_large",
+    )  # fmt: skip
+    declared = request.headers.get("content-length", "")
+    if declared.strip().isdigit() and int(declared) > limit:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def install_error_handlers(app: Any) -> None:

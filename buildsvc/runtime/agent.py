@@ -20,6 +20,7 @@ grace period. Only the standard library is imported at module level: cold start 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -30,7 +31,10 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import falcli
 
 __all__ = ["main"]
 
@@ -138,6 +142,25 @@ async def _run_setup_function(function: Any) -> None:
         await result
 
 
+# Frames of the agent, the SDK and the thread hop into a sync hook say nothing to the user.
+_PLUMBING = tuple(
+    f"{directory}/"
+    for module_dir in (Path(__file__).parents[1], Path(falcli.__file__).parent,
+                       Path(asyncio.__file__).parent, Path(concurrent.futures.__file__).parent)
+    for directory in {module_dir, module_dir.resolve()}  # as imported (links) and as stored
+)  # fmt: skip
+
+
+def app_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback without our own frames: what the app's author needs to see."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith(_PLUMBING)]  # fmt: skip
+    if not frames:  # the failure is ours (loading the payload, ...): show everything
+        return "".join(traceback.format_exception(exc))
+    lines = traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
+    return "Traceback (most recent call last):\n" + "".join(lines)
+
+
 def _bind_loopback() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -160,8 +183,8 @@ class _Agent:
     async def run(self) -> int:
         try:
             asgi, self._instance = await _prepare(self._inputs)
-        except BaseException:
-            self._control.send("FAILED", error=traceback.format_exc())
+        except BaseException as exc:
+            self._control.send("FAILED", error=app_traceback(exc))
             return _EXIT_FAILED
         sock = _bind_loopback()
         self._server = _make_server(asgi, on_started=lambda: self._on_started(sock))
