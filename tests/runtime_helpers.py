@@ -196,3 +196,30 @@ def make_sdist(directory: Path, name: str = "tinypkg", version: str = "0.1.0") -
         tar.add(src, arcname=base)
     os.utime(out)
     return out
+
+
+# A stand-in for the service, run as `python -c STAND_IN_SERVICE SPEC_JSON`: starts one
+# runner, prints its pid, its child's and its parent's (the zygote when forked), then waits
+# to be killed (tests kill -9 it and check nothing is left behind).
+STAND_IN_SERVICE = """
+import asyncio, json, sys
+from pathlib import Path
+from buildsvc.runtime.base import RunnerSpec
+from buildsvc.runtime.local import LocalBackend
+
+class Quiet:
+    def on_state(self, *a): pass
+    def on_log(self, *a): pass
+
+async def main():
+    spec = RunnerSpec(**json.loads(sys.argv[1]))
+    spec.python, spec.workdir, spec.payload = map(Path, (spec.python, spec.workdir, spec.payload))
+    handle = await LocalBackend().start(spec, Quiet())
+    child = (Path(spec.env["MARKS"]) / "child.pid").read_text()
+    zygote = Path(f"/proc/{handle.pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    print(json.dumps({"runner": handle.pid, "child": int(child), "zygote": int(zygote)}),
+          flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from runtime_helpers import (  # noqa: F401
+    STAND_IN_SERVICE,
     RecordingEvents,
     app_env,
     pickle_app,
@@ -24,28 +25,6 @@ from runtime_helpers import (  # noqa: F401
 from buildsvc.builder.env import Env
 from buildsvc.runtime.base import RunnerSpec
 from buildsvc.runtime.local import LocalBackend
-
-# A stand-in for the service: starts one runner, prints its pids, then waits to be killed.
-_SERVICE = """
-import asyncio, json, sys
-from pathlib import Path
-from buildsvc.runtime.base import RunnerSpec
-from buildsvc.runtime.local import LocalBackend
-
-class Quiet:
-    def on_state(self, *a): pass
-    def on_log(self, *a): pass
-
-async def main():
-    spec = RunnerSpec(**json.loads(sys.argv[1]))
-    spec.python, spec.workdir, spec.payload = map(Path, (spec.python, spec.workdir, spec.payload))
-    handle = await LocalBackend().start(spec, Quiet())
-    child = (Path(spec.env["MARKS"]) / "child.pid").read_text()
-    print(json.dumps({"runner": handle.pid, "child": int(child)}), flush=True)
-    await asyncio.sleep(3600)
-
-asyncio.run(main())
-"""
 
 
 def _spec_json(spec: RunnerSpec) -> str:
@@ -59,7 +38,9 @@ def test_killing_the_service_takes_its_runners_and_their_children_down(
 ) -> None:  # noqa: F811
     spec = runner_spec(app_env, tmp_path, env={"SPAWN_CHILD": "1"})
     service = subprocess.Popen(
-        [sys.executable, "-c", _SERVICE, _spec_json(spec)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", STAND_IN_SERVICE, _spec_json(spec)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert service.stdout is not None

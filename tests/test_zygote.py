@@ -22,6 +22,7 @@ import httpx
 import pytest
 import uvloop
 from runtime_helpers import (  # noqa: F401
+    STAND_IN_SERVICE,
     RecordingEvents,
     app_env,
     pickle_app,
@@ -175,37 +176,12 @@ def test_on_uvloop_a_refused_fork_spawns_directly_and_the_zygote_serves_on(
     assert huge["ppid"] == os.getpid() and "BIG_5" in huge["env"]
 
 
-# A stand-in for the service: starts one forked runner, prints pids, waits to be killed.
-_SERVICE = """
-import asyncio, json, sys
-from pathlib import Path
-from buildsvc.runtime.base import RunnerSpec
-from buildsvc.runtime.local import LocalBackend
-
-class Quiet:
-    def on_state(self, *a): pass
-    def on_log(self, *a): pass
-
-async def main():
-    spec = RunnerSpec(**json.loads(sys.argv[1]))
-    spec.python, spec.workdir, spec.payload = map(Path, (spec.python, spec.workdir, spec.payload))
-    handle = await LocalBackend().start(spec, Quiet())
-    child = (Path(spec.env["MARKS"]) / "child.pid").read_text()
-    zygote = Path(f"/proc/{handle.pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
-    print(json.dumps({"runner": handle.pid, "child": int(child), "zygote": int(zygote)}),
-          flush=True)
-    await asyncio.sleep(3600)
-
-asyncio.run(main())
-"""
-
-
 @pytest.mark.slow
 def test_killing_the_service_leaves_no_runner_and_no_zygote(
         app_env: Env, tmp_path: Path) -> None:  # noqa: F811
     spec = runner_spec(app_env, tmp_path, env={"SPAWN_CHILD": "1"})
     fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(spec).items()}
-    service = subprocess.Popen([sys.executable, "-c", _SERVICE, json.dumps(fields)],
+    service = subprocess.Popen([sys.executable, "-c", STAND_IN_SERVICE, json.dumps(fields)],
                                stdout=subprocess.PIPE, text=True)
     try:
         assert service.stdout is not None
